@@ -1,0 +1,203 @@
+"""Cone-beam forward projection (DRRs) and its exact adjoint, in PyTorch: the same code on CPU and CUDA.
+
+Method: slab stepping (Joseph's method). Each ray is assigned the voxel-index axis it runs most along; it is
+sampled once on every slice across that axis, bilinearly within the slice, and each sample is weighted by the ray
+length between consecutive slices. All rays of all views that share an axis are sampled by one batched
+``grid_sample`` per chunk of slices, which keeps the work at one bilinear fetch per ray and slice (no sorting,
+no per-ray loops) and the memory bounded by the chunk size. The back projection is the exact adjoint of that
+operator (``grid_sample``'s input gradient, chunk by chunk); it is also the backward pass, so DRRs are
+differentiable with respect to the volume without autograd storing every chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import CArmGeometry
+
+#: For each stepped index axis (0=i, 1=j, 2=k): the tensor permutation of a [k, j, i] volume that puts that axis
+#: first, and the index axes that become the slice's (rows, cols).
+_SLAB_LAYOUT = {2: ((0, 1, 2), (1, 0)), 1: ((1, 0, 2), (2, 0)), 0: ((2, 0, 1), (2, 1))}
+_OUTSIDE = 4.0  # a normalized grid coordinate well outside [-1, 1]: grid_sample returns 0 there
+
+
+def default_chunk(device: torch.device) -> int:
+    """Ray-slice samples per grid_sample call: small enough to stay in a CPU's cache, large enough to fill a GPU."""
+    return 1 << 26 if device.type == "cuda" else 1 << 19
+
+
+@dataclass
+class RayGroup:
+    """Rays that step along the same index axis, with their sample positions as a linear function of the slice."""
+
+    axis: int
+    index: torch.Tensor   # (G,) positions in the full ray list
+    alpha: torch.Tensor   # (G, 2) normalized grid (x=col, y=row) at slice 0
+    beta: torch.Tensor    # (G, 2) change of the grid coordinates per slice
+    weight: torch.Tensor  # (G,) ray length in mm between consecutive slices
+    first: int            # slices [first, last) can be hit by some ray
+    last: int
+    bounds: torch.Tensor | None  # (G, 2) slice interval between source and detector, None when it spans all
+
+
+def plan_rays(origins: np.ndarray, directions: np.ndarray, ras_to_ijk: np.ndarray, shape: Sequence[int],
+              device: torch.device) -> list[RayGroup]:
+    """Group rays (RAS mm, point = origin + t * direction, t in [0, 1]) by their stepping axis.
+
+    Rays that miss the volume's support (the voxel box grown by one voxel, where bilinear samples are non-zero)
+    are dropped: their line integral is exactly zero.
+    """
+    nk, nj, ni = shape
+    n = np.array([ni, nj, nk], dtype=np.float64)
+    o = origins @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]
+    d = directions @ ras_to_ijk[:3, :3].T
+    length = np.linalg.norm(directions, axis=1)
+    hit = _segment_hits_box(o, d, -1.0, n)
+    axis_of_ray = np.argmax(np.abs(d), axis=1)
+    groups = []
+    for axis in (0, 1, 2):
+        sel = np.nonzero(hit & (axis_of_ray == axis))[0]
+        if sel.size == 0:
+            continue
+        oa, da = o[sel, axis], d[sel, axis]
+        rows_axis, cols_axis = _SLAB_LAYOUT[axis][1]
+        alpha = np.empty((sel.size, 2))
+        beta = np.empty((sel.size, 2))
+        for c, ax in enumerate((cols_axis, rows_axis)):  # grid x follows columns, grid y follows rows
+            r = d[sel, ax] / da
+            scale = 2.0 / (n[ax] - 1.0)
+            alpha[:, c] = (o[sel, ax] - oa * r) * scale - 1.0
+            beta[:, c] = r * scale
+        lo, hi = np.minimum(oa, oa + da), np.maximum(oa, oa + da)
+        first = int(max(0.0, np.floor(lo.min())))
+        last = int(min(n[axis], np.ceil(hi.max()) + 1))
+        spans_all = bool(lo.max() <= 0.0 and hi.min() >= n[axis] - 1.0)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        groups.append(RayGroup(
+            axis=axis, index=torch.as_tensor(sel, device=device), alpha=as_t(alpha), beta=as_t(beta),
+            weight=as_t(length[sel] / np.abs(da)), first=first, last=last,
+            bounds=None if spans_all else as_t(np.stack([lo, hi], axis=1))))
+    return groups
+
+
+def _segment_hits_box(o: np.ndarray, d: np.ndarray, lo: float, hi: np.ndarray) -> np.ndarray:
+    """Whether each segment o + t d, t in [0, 1], meets the box [lo, hi]^3 (slab test, axis-parallel safe)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (lo - o) / d
+        t2 = (hi - o) / d
+    inside = (o >= lo) & (o <= hi)
+    parallel = d == 0
+    tmin = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2))
+    tmax = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2))
+    enter = np.maximum(tmin.max(axis=1), 0.0)
+    leave = np.minimum(tmax.min(axis=1), 1.0)
+    return enter <= leave
+
+
+def slabs(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """The volume as a stack of slices across ``axis``: (N, 1, rows, cols), contiguous for grid_sample."""
+    return volume.permute(*_SLAB_LAYOUT[axis][0]).unsqueeze(1).contiguous()
+
+
+def _chunks(group: RayGroup, chunk: int):
+    """Yield (ray slice, slice indices, grid) chunks covering the group's rays and slices."""
+    g = group.index.numel()
+    rays = max(1, min(g, chunk))
+    per = max(1, chunk // rays)
+    dev = group.alpha.device
+    for r0 in range(0, g, rays):
+        rs = slice(r0, min(g, r0 + rays))
+        a, b = group.alpha[rs], group.beta[rs]
+        bnd = group.bounds[rs] if group.bounds is not None else None
+        # slices inside [all_in_lo, all_in_hi] lie between source and detector for every ray of this chunk
+        all_in_lo, all_in_hi = (bnd[:, 0].max().item(), bnd[:, 1].min().item()) if bnd is not None else (0, 0)
+        for s0 in range(group.first, group.last, per):
+            s1 = min(group.last, s0 + per)
+            s = torch.arange(s0, s1, device=dev, dtype=torch.float32)
+            grid = torch.addcmul(a.unsqueeze(0), s.view(-1, 1, 1), b.unsqueeze(0))
+            if bnd is not None and not all_in_lo <= s0 <= s1 - 1 <= all_in_hi:
+                outside = (s.view(-1, 1) < bnd[:, 0]) | (s.view(-1, 1) > bnd[:, 1])
+                grid.masked_fill_(outside.unsqueeze(-1), _OUTSIDE)
+            yield rs, slice(s0, s0 + s.numel()), grid.unsqueeze(1)
+
+
+def _sample(stack: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def project_groups(stacks: dict[int, torch.Tensor], groups: list[RayGroup], n_rays: int, chunk: int) -> torch.Tensor:
+    """Line integrals (n_rays,) from the slab stacks of a volume; rays in no group integrate to zero."""
+    ref = next(iter(stacks.values()))
+    out = torch.zeros(n_rays, dtype=ref.dtype, device=ref.device)
+    for grp in groups:
+        acc = torch.zeros(grp.index.numel(), dtype=ref.dtype, device=ref.device)
+        for rs, ss, grid in _chunks(grp, chunk):
+            acc[rs] += _sample(stacks[grp.axis][ss], grid.to(ref.dtype)).sum(dim=0).view(-1)
+        out[grp.index] = acc * grp.weight.to(ref.dtype)
+    return out
+
+
+def backproject_groups(values: torch.Tensor, groups: list[RayGroup], shape: Sequence[int], chunk: int) -> torch.Tensor:
+    """The adjoint of :func:`project_groups`: spread ray values (n_rays,) back into a [k, j, i] volume."""
+    volume = torch.zeros(tuple(shape), dtype=values.dtype, device=values.device)
+    for grp in groups:
+        perm, _ = _SLAB_LAYOUT[grp.axis]
+        stack_shape = [shape[p] for p in perm]
+        grad = torch.zeros((stack_shape[0], 1, *stack_shape[1:]), dtype=values.dtype, device=values.device)
+        weighted = values[grp.index] * grp.weight.to(values.dtype)
+        for rs, ss, grid in _chunks(grp, chunk):
+            part = torch.zeros((ss.stop - ss.start, 1, *stack_shape[1:]), dtype=values.dtype,
+                               device=values.device, requires_grad=True)
+            out = _sample(part, grid.to(values.dtype))
+            (g,) = torch.autograd.grad(out, part, weighted[rs].view(1, 1, 1, -1).expand_as(out))
+            grad[ss] += g
+        volume += grad.squeeze(1).permute(*(int(x) for x in np.argsort(perm)))
+    return volume
+
+
+class _Project(torch.autograd.Function):
+    """Forward projection whose backward is the chunked adjoint, so gradients need no stored chunks."""
+
+    @staticmethod
+    def forward(ctx, volume, groups, n_rays, chunk):  # noqa: D102
+        ctx.groups, ctx.shape, ctx.chunk = groups, tuple(volume.shape), chunk
+        stacks = {a: slabs(volume.detach(), a) for a in {g.axis for g in groups}}
+        return project_groups(stacks, groups, n_rays, chunk)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        return backproject_groups(grad.contiguous(), ctx.groups, ctx.shape, ctx.chunk), None, None, None
+
+
+def _plan_views(geometries: Sequence[CArmGeometry], ijk_to_ras: np.ndarray, shape: Sequence[int],
+                device: torch.device) -> tuple[list[RayGroup], tuple[int, int]]:
+    shapes = {g.shape for g in geometries}
+    if len(shapes) != 1:
+        raise ValueError(f"views rendered together need one detector size, got {sorted(shapes)}")
+    rays = [g.rays() for g in geometries]
+    origins = np.concatenate([r[0] for r in rays])
+    directions = np.concatenate([r[1] for r in rays])
+    return plan_rays(origins, directions, np.linalg.inv(ijk_to_ras), shape, device), shapes.pop()
+
+
+def forward_project(volume: torch.Tensor, ijk_to_ras: np.ndarray, geometries: Sequence[CArmGeometry],
+                    chunk: int | None = None) -> torch.Tensor:
+    """Line integrals (views, rows, cols) of ``volume`` [k, j, i] (attenuation per mm), differentiable in it."""
+    groups, (h, w) = _plan_views(geometries, ijk_to_ras, volume.shape, volume.device)
+    n = len(geometries) * h * w
+    flat = _Project.apply(volume, groups, n, chunk or default_chunk(volume.device))
+    return flat.view(len(geometries), h, w)
+
+
+def back_project(images: torch.Tensor, ijk_to_ras: np.ndarray, shape: Sequence[int],
+                 geometries: Sequence[CArmGeometry], chunk: int | None = None) -> torch.Tensor:
+    """Sum over views of the adjoint projection of ``images`` (views, rows, cols) into a [k, j, i] volume."""
+    groups, (h, w) = _plan_views(geometries, ijk_to_ras, shape, images.device)
+    if tuple(images.shape) != (len(geometries), h, w):
+        raise ValueError(f"images of shape {tuple(images.shape)} do not match {len(geometries)} views of {h}x{w}")
+    return backproject_groups(images.reshape(-1), groups, shape, chunk or default_chunk(images.device))
