@@ -209,9 +209,24 @@ def preset_names() -> list[str]:
 
 def from_svdrr_angles(theta: float, phi: float) -> tuple[float, float]:
     """(azimuth, elevation) in degrees of the LIDC-IDRI-DRR view stored as (theta, phi) radians in SV-DRR's
-    ``camera_views.json`` (rendered as DiffDRR ZXY Euler ``[phi, theta, 0]``, translation ``[0, -1650, 0]``,
-    ``orientation="PA"``). Pinned by ``Testing/test_svdrr_parity.py`` against DiffDRR itself."""
-    return math.degrees(phi), math.degrees(theta)
+    ``camera_views.json`` (rendered by ``scripts/create_drr_img.py`` as DiffDRR ZXY Euler ``[phi, theta, 0]``,
+    radians, translation ``[0, -1650, 0]``, volume read with ``orientation="PA"`` and centred on its centre).
+
+    The mapping is the identity up to units and order: azimuth = phi and elevation = theta, both converted from
+    radians to degrees, same signs, with the azimuth wrapped into (-180, 180]. Phi turns the C-arm about the
+    patient's superior axis exactly as our azimuth does (phi > 0 moves the source towards the patient's right,
+    i.e. LAO), and theta tilts it about the patient's right-left axis as our elevation does (theta > 0 moves the
+    source towards the feet, i.e. cranial): DiffDRR's pose is R = Rz(phi) Rx(theta), our R = Rz(az) Rx(el),
+    and its "PA" frame change maps its camera onto ours with the same source, detector and pixel axes. Their PNGs
+    (``plt.imsave``, row 0 at the top) are in our orientation: no left-right or up-down flip, no transpose
+    (patient's right on the image's left, head at the top for (0, 0)). SV-DRR's README calls this convention
+    "opposite to the intuitive one" (theta grows downwards, phi grows turning left); that is a statement about
+    their viewer, not a flip between their images and ours. The isocenter is the CT's centre
+    (``CTVolume.center_ras``). Pinned by ``Testing/test_svdrr_parity.py`` against DiffDRR itself (Pearson r > 0.9999
+    after per-image min-max at 512 px)."""
+    azimuth = math.degrees(phi)
+    azimuth = azimuth - 360.0 * math.ceil((azimuth - 180.0) / 360.0)
+    return azimuth, math.degrees(theta)
 
 
 # -- view sets ----------------------------------------------------------------------------------------------
@@ -246,7 +261,10 @@ def parse_view_set(spec: str) -> list[tuple[float, float]]:
     kind, _, rest = spec.partition(":")
     try:
         if kind == "arc":
-            return arc(*[float(x) for x in rest.split(":")])
+            parts = [float(x) for x in rest.split(":")]
+            if len(parts) not in (3, 4):
+                raise ValueError("expected START:STOP:STEP[:ELEVATION]")
+            return arc(*parts)
         if kind == "hemisphere":
             return hemisphere(int(rest))
     except (TypeError, ValueError) as exc:

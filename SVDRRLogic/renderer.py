@@ -14,7 +14,7 @@ import torch
 from .attenuation import MU_WATER_PER_MM, apply_output, hu_to_mu
 from .geometry import CArmGeometry
 from .images import CTVolume
-from .projector import back_project, default_chunk, plan_rays, project_groups, slabs
+from .projector import back_project, default_chunk, plan_views, project_groups, slabs
 
 _MIN_CHUNK = 1 << 14
 
@@ -40,6 +40,7 @@ class DRRRenderer:
 
     def __init__(self, ct: CTVolume, device: str | torch.device = "auto", hu_model: str = "physical",
                  mu_water: float = MU_WATER_PER_MM, chunk: int | None = None):
+        """``chunk`` bounds the ray-plane samples per step (memory); the default suits the device."""
         self.ct = ct
         self.device = resolve_device(device)
         self.hu_model = hu_model if ct.units == "hu" else "mu"
@@ -51,13 +52,14 @@ class DRRRenderer:
                                "memory; use device 'cpu' or a downsampled CT") from None
         self.ijk_to_ras = ct.ijk_to_ras
         self._ras_to_ijk = np.linalg.inv(ct.ijk_to_ras)
-        self._stacks: dict[int, torch.Tensor] = {}
+        self._stacks: dict[tuple[int, int], torch.Tensor] = {}
         self.chunk = chunk or default_chunk(self.device)
 
-    def _stack(self, axis: int) -> torch.Tensor:
-        if axis not in self._stacks:
-            self._stacks[axis] = slabs(self.volume, axis)
-        return self._stacks[axis]
+    def _stack(self, axis: int, oversample: int) -> torch.Tensor:
+        """Plane stacks are built on first use and kept: live re-rendering then costs only the projection."""
+        if (axis, oversample) not in self._stacks:
+            self._stacks[(axis, oversample)] = slabs(self.volume, axis, oversample)
+        return self._stacks[(axis, oversample)]
 
     def _check_source_outside(self, geometries: Sequence[CArmGeometry]) -> None:
         nk, nj, ni = self.volume.shape
@@ -67,28 +69,25 @@ class DRRRenderer:
                 raise ValueError(f"the X-ray source {np.round(g.source, 1).tolist()} lies inside the CT volume; "
                                  "increase the source-to-isocenter distance")
 
-    def render_tensor(self, geometries: CArmGeometry | Sequence[CArmGeometry],
-                      output: str = "line-integral") -> torch.Tensor:
-        """Views as a tensor on the renderer's device: (rows, cols) for one geometry, (views, rows, cols) else."""
+    def render_tensor(self, geometries: CArmGeometry | Sequence[CArmGeometry], output: str = "line-integral",
+                      oversample: int = 2) -> torch.Tensor:
+        """Views as a tensor on the renderer's device: (rows, cols) for one geometry, (views, rows, cols) else.
+
+        ``oversample=1`` halves the cost for live preview; 2 (default) is the accurate Simpson integration.
+        """
         single = isinstance(geometries, CArmGeometry)
         geoms = [geometries] if single else list(geometries)
         if not geoms:
             raise ValueError("no views to render")
         self._check_source_outside(geoms)
-        shapes = {g.shape for g in geoms}
-        if len(shapes) != 1:
-            raise ValueError(f"views rendered together need one detector size, got {sorted(shapes)}")
-        h, w = shapes.pop()
-        rays = [g.rays() for g in geoms]
-        groups = plan_rays(np.concatenate([r[0] for r in rays]), np.concatenate([r[1] for r in rays]),
-                           self._ras_to_ijk, self.volume.shape, self.device)
+        groups, (h, w) = plan_views(geoms, self.ijk_to_ras, self.volume.shape, self.device, oversample)
         with torch.no_grad():
-            flat = self._project(groups, len(geoms) * h * w)
+            flat = self._project(groups, len(geoms) * h * w, oversample)
             images = apply_output(flat.view(len(geoms), h, w), output)
         return images[0] if single else images
 
-    def _project(self, groups, n_rays: int) -> torch.Tensor:
-        stacks = {g.axis: self._stack(g.axis) for g in groups}
+    def _project(self, groups, n_rays: int, oversample: int) -> torch.Tensor:
+        stacks = {g.axis: self._stack(g.axis, oversample) for g in groups}
         while True:
             try:
                 return project_groups(stacks, groups, n_rays, self.chunk)
@@ -99,9 +98,10 @@ class DRRRenderer:
                 torch.cuda.empty_cache()
                 self.chunk //= 4
 
-    def render(self, geometries: CArmGeometry | Sequence[CArmGeometry], output: str = "line-integral") -> np.ndarray:
+    def render(self, geometries: CArmGeometry | Sequence[CArmGeometry], output: str = "line-integral",
+               oversample: int = 2) -> np.ndarray:
         """float32 numpy image(s): line integral of mu*mm (default), transmission, or display-normalized."""
-        return self.render_tensor(geometries, output).cpu().numpy()
+        return self.render_tensor(geometries, output, oversample).cpu().numpy()
 
     def back_project(self, images: np.ndarray | torch.Tensor, geometries: Sequence[CArmGeometry]) -> torch.Tensor:
         """Adjoint of ``render`` (line-integral output) summed over views, as a [k, j, i] tensor."""

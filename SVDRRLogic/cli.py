@@ -1,0 +1,187 @@
+"""The ``svdrr`` command line (also ``python -m SVDRRLogic``).
+
+Every failure a user can cause (bad path, bad image, absurd geometry, missing device) ends with one line on
+stderr and exit code 2; set ``SVDRR_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .attenuation import HU_MODELS, OUTPUTS
+from .geometry import CArmGeometry, GeometryError, parse_view_set, preset_names
+
+FORMATS = ("nrrd", "nii.gz", "png", "dcm")
+_NUMBER_LIST = re.compile(r"^-\d*\.?\d+(e-?\d+)?(,-?\d*\.?\d+(e-?\d+)?)*$")
+_LIST_OPTIONS = {"--view", "--isocenter", "--detector", "--pixel"}
+
+
+class UsageError(Exception):
+    """A bad argument or input: reported as one line with exit code 2."""
+
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if len(values) not in n:
+        raise argparse.ArgumentTypeError(f"{what} needs {' or '.join(map(str, n))} numbers, got {text!r}")
+    return values
+
+
+def _view(text: str) -> tuple[float, float]:
+    v = _floats(text, (1, 2), "--view AZ,EL")
+    return (v[0], v[1] if len(v) > 1 else 0.0)
+
+
+def _detector(text: str) -> tuple[int, int]:
+    v = _floats(text, (1, 2), "--detector W,H")
+    if any(x != int(x) for x in v):
+        raise argparse.ArgumentTypeError(f"--detector needs whole pixel counts, got {text!r}")
+    return (int(v[0]), int(v[-1]))
+
+
+def _glue_negative_lists(argv: list[str]) -> list[str]:
+    """Let ``--view -30,10`` work as typed: argparse would take ``-30,10`` for an option otherwise."""
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1] in _LIST_OPTIONS and _NUMBER_LIST.match(tok):
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``svdrr: error: ...``), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"svdrr: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="svdrr", description="DRRs, novel X-ray views and CT reconstruction.")
+    p.add_argument("--version", action="version", version=f"svdrr {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render DRRs of a CT for one or more C-arm views")
+    r.add_argument("ct", nargs="?", help="CT file (NIfTI, NRRD, MHA) or DICOM series folder")
+    r.add_argument("-o", "--output-dir", required=True, type=Path)
+    r.add_argument("--phantom", choices=["chest"], help="render a generated phantom instead of a CT")
+    r.add_argument("--seed", type=int, default=0, help="phantom seed")
+    r.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    r.add_argument("--view", type=_view, action="append", metavar="AZ,EL",
+                   help="azimuth (LAO+) and elevation (cranial+) in degrees; repeatable")
+    r.add_argument("--views", metavar="SET", help="arc:START:STOP:STEP[:EL] or hemisphere:N")
+    r.add_argument("--preset", default="svdrr-lidc", choices=preset_names())
+    r.add_argument("--sad", type=float, help="source-to-isocenter distance, mm")
+    r.add_argument("--sdd", type=float, help="source-to-detector distance, mm")
+    r.add_argument("--detector", type=_detector, metavar="W,H", help="detector columns,rows in pixels")
+    r.add_argument("--pixel", type=lambda t: _floats(t, (1, 2), "--pixel"), metavar="MM[,MM]",
+                   help="detector pixel size in mm (column, row)")
+    r.add_argument("--isocenter", type=lambda t: _floats(t, (3,), "--isocenter R,A,S"), metavar="R,A,S",
+                   help="isocenter in RAS mm (default: the CT's centre)")
+    r.add_argument("--intensity", choices=["hu", "mu"], default="hu",
+                   help="voxel values: HU, or attenuation already in 1/mm")
+    r.add_argument("--hu-model", choices=HU_MODELS, default="physical")
+    r.add_argument("--output", choices=OUTPUTS, default="line-integral")
+    r.add_argument("--format", choices=FORMATS, default="nrrd")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--batch", type=int, default=8, help="views rendered together (memory vs speed)")
+
+    b = sub.add_parser("bench", help="projector speed and memory, side by side with installed peers")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--ct", help="CT to benchmark (default: the LIDC CT beside the project, else a phantom)")
+    b.add_argument("--sizes", default="256,512", help="detector sizes in pixels")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--no-peers", action="store_true", help="skip plastimatch and DiffDRR")
+
+    d = sub.add_parser("demo", help="render an orbit of the phantom and write a contact sheet")
+    d.add_argument("-o", "--output-dir", required=True, type=Path)
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _geometry(args, ct) -> CArmGeometry:
+    overrides = {k: getattr(args, k) for k in ("sad", "sdd", "detector") if getattr(args, k) is not None}
+    if args.pixel is not None:
+        overrides["pixel"] = (args.pixel[0], args.pixel[-1])
+    iso = args.isocenter if args.isocenter is not None else tuple(ct.center_ras)
+    return CArmGeometry.preset(args.preset, isocenter=iso, **overrides)
+
+
+def _angles(args) -> list[tuple[float, float]]:
+    angles = list(args.view or [])
+    if args.views:
+        angles += parse_view_set(args.views)
+    return angles or [(0.0, 0.0)]
+
+
+def cmd_render(args) -> int:
+    from .io import load_ct
+    from .export import render_views
+
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if (args.ct is None) == (args.phantom is None):
+        raise UsageError("give either a CT path or --phantom chest")
+    if args.phantom:
+        from .phantoms import chest_phantom
+        ct = chest_phantom(seed=args.seed)
+    else:
+        ct = load_ct(args.ct, series_uid=args.series)
+    if args.intensity == "mu":
+        ct.units = "mu"
+    base = _geometry(args, ct)
+    written = render_views(ct, base, _angles(args), args.output_dir, fmt=args.format, output=args.output,
+                           hu_model=args.hu_model, device=args.device, batch=args.batch)
+    print(f"wrote {len(written)} view(s) and views.json to {args.output_dir}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result = run_bench(ct_path=args.ct, sizes=sizes, batch=args.batch, repeat=args.repeat, device=args.device,
+                       peers=not args.no_peers, log=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else result["table"])
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    sheet = run_demo(args.output_dir, device=args.device)
+    print(f"contact sheet: {sheet}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    commands = {"render": cmd_render, "bench": cmd_bench, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("svdrr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place a user-facing error becomes one line
+        if os.environ.get("SVDRR_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        known = isinstance(exc, (UsageError, GeometryError, ValueError, RuntimeError, OSError))
+        print(f"svdrr: error: {msg}", file=sys.stderr)
+        return 2 if known else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The ``svdrr`` command line as a user types it, including every way it can be misused."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from SVDRRLogic.cli import main
+from SVDRRLogic.geometry import CArmGeometry
+from SVDRRLogic.io import load_ct, load_xray
+
+SMALL = ["--detector", "48,40", "--pixel", "8"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_render_phantom_with_negative_angles_as_typed(tmp_path, capsys):
+    code, out, err = run(capsys, "render", "--phantom", "chest", "-o", str(tmp_path), "--view", "-30,10",
+                         "--view", "0,0", *SMALL, "--format", "nrrd", "--device", "cpu")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "views.json").read_text())
+    assert manifest["synthetic"] is True
+    views = manifest["views"]
+    assert [(v["azimuth"], v["elevation"]) for v in views] == [(-30.0, 10.0), (0.0, 0.0)]
+    geom = CArmGeometry.from_dict(views[0])
+    assert geom.detector == (48, 40) and geom.pixel == (8.0, 8.0) and geom.preset_name == "svdrr-lidc"
+    np.testing.assert_allclose(views[0]["projection_matrix"], geom.projection_matrix)
+    img = load_xray(tmp_path / views[0]["file"])
+    assert img.array.shape == (40, 48) and img.array.max() > 1.0  # chest line integrals reach several mu*mm
+
+
+def test_view_sets_and_formats(tmp_path, capsys):
+    code, _, err = run(capsys, "render", "--phantom", "chest", "-o", str(tmp_path), "--views", "arc:-10:10:10",
+                       *SMALL, "--format", "png", "--output", "display", "--device", "cpu")
+    assert code == 0, err
+    views = json.loads((tmp_path / "views.json").read_text())["views"]
+    assert [v["azimuth"] for v in views] == [-10.0, 0.0, 10.0]
+    assert all((tmp_path / v["file"]).exists() for v in views)
+
+
+def test_mu_intensity_gives_exact_line_integrals(tmp_path, capsys):
+    """A water-like cube of 0.02/mm given in mu: the central ray crosses 80 mm of it."""
+    m = np.diag([-2.0, -2.0, 2.0, 1.0])
+    m[:3, 3] = [39.0, 39.0, -39.0]
+    from SVDRRLogic.images import CTVolume
+    from SVDRRLogic.io import write_ct
+    write_ct(tmp_path / "cube.nrrd", CTVolume(np.full((40, 40, 40), 0.02, np.float32), m, units="mu"))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "render", str(tmp_path / "cube.nrrd"), "-o", str(out), "--intensity", "mu",
+                       "--detector", "9,9", "--pixel", "1", "--sad", "500", "--sdd", "700", "--device", "cpu")
+    assert code == 0, err
+    views = json.loads((out / "views.json").read_text())["views"]
+    img = load_xray(out / views[0]["file"]).array
+    assert img[4, 4] == pytest.approx(80 * 0.02, rel=1e-3)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["render", "/nonexistent/ct.nii.gz", "-o", "{tmp}"], "does not exist"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--view", "abc"], "--view"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--sad", "5"], "source-to-isocenter"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--sad", "1000", "--sdd", "900"], "must exceed SAD"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--views", "sphere:3"], "bad view set"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--preset", "nope"], "invalid choice"),
+    (["render", "-o", "{tmp}"], "either a CT path or --phantom"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--detector", "10.5,3"], "whole pixel"),
+    (["render", "--phantom", "chest", "-o", "{tmp}", "--isocenter", "1,2"], "3 numbers"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path / "o")) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("svdrr: error:") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_a_2d_image_given_as_ct_is_refused(tmp_path, capsys):
+    from PIL import Image
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "film.png")
+    code, _, err = run(capsys, "render", str(tmp_path / "film.png"), "-o", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and "film.png" in err
+    assert not (tmp_path / "o" / "views.json").exists()
+
+
+def test_module_entry_point_runs_in_a_fresh_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "SVDRRLogic", "render", "--phantom", "chest", "-o",
+                           str(tmp_path), "--view", "-20,5", *SMALL, "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "views.json").read_text())["views"][0]["azimuth"] == -20.0
+    bad = subprocess.run([sys.executable, "-m", "SVDRRLogic", "render", str(tmp_path / "missing.nrrd"),
+                          "-o", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
