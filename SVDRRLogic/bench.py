@@ -103,38 +103,73 @@ def _time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
+def open_peers(ct: CTVolume, wanted: bool, log: TextIO) -> dict:
+    """The installed peers, each with ``ct`` prepared once (setup is not part of the timings)."""
+    opened = {}
+    for name, cls in peers.PEER_CLASSES.items() if wanted else ():
+        ok, why = peers.available(name)
+        if ok:
+            opened[name] = cls(ct)
+        else:
+            print(f"bench: {name} skipped ({why})", file=log)
+    return opened
+
+
+def close_peer(peer) -> None:
+    if hasattr(peer, "close"):
+        peer.close()
+
+
+def _geometry(ct: CTVolume, size: int) -> CArmGeometry:
+    return CArmGeometry.preset("svdrr-lidc", isocenter=tuple(ct.center_ras), detector=(size, size),
+                               pixel=(DETECTOR_MM / size,) * 2)
+
+
+def _svdrr_rows(ct: CTVolume, sizes: list[int], batch: int, repeat: int, dev: torch.device, log: TextIO,
+                label: str = "") -> list[dict]:
+    """Single views and a batch, accurate (oversample 2) and live-preview (oversample 1) settings."""
+    rows = []
+    renderer = DRRRenderer(ct, device=dev)
+    for size in sizes:
+        geom = _geometry(ct, size)
+        orbit = [geom.with_view(a, 0.0) for a in np.linspace(-40, 40, batch)]
+        for name, oversample in (("svdrr", 2), ("svdrr fast", 1)):
+            for views in ([geom], orbit):
+                with PeakMemory(dev) as mem:
+                    seconds = _time(lambda: renderer.render_tensor(views, oversample=oversample), dev, repeat)
+                rows.append(dict(renderer=name, device=describe_device(dev), size=size, views=len(views),
+                                 ms_per_view=seconds / len(views) * 1e3, peak_mib=mem.peak_mib, ct=label))
+        print(f"bench: svdrr {dev.type} {size}px done", file=log)
+    return rows
+
+
 def speed_rows(ct: CTVolume, sizes: list[int], batch: int, repeat: int, devices: list[torch.device],
                with_peers: bool, log: TextIO) -> list[dict]:
     rows = []
     for dev in devices:
-        renderer = DRRRenderer(ct, device=dev)
+        rows += _svdrr_rows(ct, sizes, batch, repeat, dev, log)
+    for name, peer in open_peers(ct, with_peers, log).items():
         for size in sizes:
-            geom = CArmGeometry.preset("svdrr-lidc", isocenter=tuple(ct.center_ras), detector=(size, size),
-                                       pixel=(DETECTOR_MM / size,) * 2)
-            orbit = [geom.with_view(a, 0.0) for a in np.linspace(-40, 40, batch)]
-            with PeakMemory(dev) as mem:
-                single = _time(lambda: renderer.render_tensor(geom), dev, repeat)
-            rows.append(dict(renderer="svdrr", device=describe_device(dev), size=size, views=1,
-                             ms_per_view=single * 1e3, peak_mib=mem.peak_mib))
-            with PeakMemory(dev) as mem:
-                many = _time(lambda: renderer.render_tensor(orbit), dev, max(1, repeat // 2))
-            rows.append(dict(renderer="svdrr", device=describe_device(dev), size=size, views=batch,
-                             ms_per_view=many / batch * 1e3, peak_mib=mem.peak_mib))
-            print(f"bench: svdrr {dev.type} {size}px done", file=log)
-    if with_peers:
-        for size in sizes:
-            geom = CArmGeometry.preset("svdrr-lidc", isocenter=tuple(ct.center_ras), detector=(size, size),
-                                       pixel=(DETECTOR_MM / size,) * 2)
-            for name, render in peers.RENDERERS.items():
-                ok, why = peers.available(name)
-                if not ok:
-                    print(f"bench: {name} skipped ({why})", file=log)
-                    continue
-                results = [render(ct, geom) for _ in range(max(1, min(repeat, 3)))]
-                rows.append(dict(renderer=name, device="cpu", size=size, views=1,
-                                 ms_per_view=statistics.median(r.seconds for r in results) * 1e3,
-                                 peak_mib=float("nan")))
-                print(f"bench: {name} {size}px done", file=log)
+            results = [peer.render(_geometry(ct, size)) for _ in range(max(1, min(repeat, 3)))]
+            rows.append(dict(renderer=name, device="cpu", size=size, views=1,
+                             ms_per_view=statistics.median(r.seconds for r in results) * 1e3,
+                             peak_mib=float("nan"), ct=""))
+            print(f"bench: {name} {size}px done", file=log)
+        close_peer(peer)
+    return rows
+
+
+def large_rows(devices: list[torch.device], log: TextIO) -> list[dict]:
+    """Bounded memory: a 512x512x500 CT at 1024^2 (and, on a GPU, a 512^3 CT at 512^2, the 5 ms target)."""
+    from .phantoms import chest_phantom
+
+    rows = []
+    big = chest_phantom(shape=(500, 512, 512), spacing=(0.7, 0.7, 0.7), seed=1)
+    for dev in devices:
+        rows += _svdrr_rows(big, [1024], 1, 1, dev, log, label="512x512x500")
+        if dev.type == "cuda":
+            cube = chest_phantom(shape=(512, 512, 512), spacing=(0.7, 0.7, 0.7), seed=2)
+            rows += _svdrr_rows(cube, [512], 8, 10, dev, log, label="512^3")
     return rows
 
 
@@ -148,26 +183,25 @@ def accuracy_rows(with_peers: bool, log: TextIO) -> list[dict]:
     truth = analytic.line_integrals(ell, origins, directions).reshape(geom.shape)
     inside = analytic.rays_away_from_rim(ell, origins, directions, margin_mm=2.0).reshape(geom.shape)
     inside &= truth > 0.05 * truth.max()
-    candidates = {"svdrr": lambda: DRRRenderer(ct, device="cpu").render(geom)}
-    if with_peers:
-        for name, render in peers.RENDERERS.items():
-            if peers.available(name)[0]:
-                candidates[name] = lambda render=render: render(ct, geom).image
+    renderer = DRRRenderer(ct, device="cpu")
+    images = {"svdrr": renderer.render(geom), "svdrr fast": renderer.render(geom, oversample=1)}
+    for name, peer in open_peers(ct, with_peers, log).items():
+        images[name] = peer.render(geom).image
+        close_peer(peer)
     rows = []
-    for name, fn in candidates.items():
-        err = (fn()[inside] - truth[inside]) / truth[inside]
+    for name, image in images.items():
+        err = (image[inside] - truth[inside]) / truth[inside]
         rows.append(dict(renderer=name, median_rel_err_pct=float(np.median(np.abs(err)) * 100),
                          rel_rmse_pct=float(np.sqrt(np.mean(err ** 2)) * 100), rays=int(inside.sum())))
-        print(f"bench: accuracy {name} done", file=log)
     return rows
 
 
 def format_table(result: dict) -> str:
     lines = [f"CT {result['ct']}", "",
-             f"{'renderer':<12}{'device':<22}{'detector':>9}{'views':>7}{'ms/view':>11}{'peak MiB':>10}"]
+             f"{'renderer':<12}{'device':<22}{'CT':<13}{'detector':>9}{'views':>7}{'ms/view':>11}{'peak MiB':>10}"]
     for r in result["speed"]:
-        lines.append(f"{r['renderer']:<12}{r['device']:<22}{r['size']:>6}^2 {r['views']:>6}"
-                     f"{r['ms_per_view']:>11.1f}{r['peak_mib']:>10.0f}")
+        lines.append(f"{r['renderer']:<12}{r['device']:<22}{r['ct'] or 'bench CT':<13}{r['size']:>6}^2 "
+                     f"{r['views']:>6}{r['ms_per_view']:>11.1f}{r['peak_mib']:>10.0f}")
     lines += ["", "accuracy vs exact ellipsoid chords (1 mm voxels, 256^2, oblique cone beam, rim excluded)",
               f"{'renderer':<12}{'median rel err %':>18}{'rel RMSE %':>12}"]
     for r in result["accuracy"]:
@@ -176,7 +210,7 @@ def format_table(result: dict) -> str:
 
 
 def run_bench(ct_path: str | None = None, sizes: list[int] = (256, 512), batch: int = 8, repeat: int = 5,
-              device: str = "auto", peers: bool = True, log: TextIO = sys.stderr) -> dict:
+              device: str = "auto", peers: bool = True, large: bool = True, log: TextIO = sys.stderr) -> dict:
     if any(s < 8 or s > 4096 for s in sizes) or batch < 1 or repeat < 1:
         raise ValueError("bench sizes must be 8-4096 pixels, batch and repeat at least 1")
     dev = resolve_device(device)
@@ -186,7 +220,8 @@ def run_bench(ct_path: str | None = None, sizes: list[int] = (256, 512), batch: 
     ct = bench_ct(ct_path, log)
     result = {"ct": f"{ct.source} {ct.shape[2]}x{ct.shape[1]}x{ct.shape[0]}",
               "threads": torch.get_num_threads(),
-              "speed": speed_rows(ct, list(sizes), batch, repeat, devices, peers, log),
+              "speed": speed_rows(ct, list(sizes), batch, repeat, devices, peers, log)
+              + (large_rows(devices, log) if large else []),
               "accuracy": accuracy_rows(peers, log)}
     result["table"] = format_table(result)
     return result

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--no-peers", action="store_true", help="skip plastimatch and DiffDRR")
+    b.add_argument("--no-large", action="store_true", help="skip the 512x512x500 CT at 1024^2 memory check")
 
     d = sub.add_parser("demo", help="render an orbit of the phantom and write a contact sheet")
     d.add_argument("-o", "--output-dir", required=True, type=Path)
@@ -152,7 +153,7 @@ def cmd_bench(args) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     result = run_bench(ct_path=args.ct, sizes=sizes, batch=args.batch, repeat=args.repeat, device=args.device,
-                       peers=not args.no_peers, log=sys.stderr)
+                       peers=not args.no_peers, large=not args.no_large, log=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else result["table"])
     return 0
 
