@@ -8,11 +8,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
+# DiffDRR is a reference renderer for tests and `svdrr bench`; installed without its dependencies because they
+# would replace the CPU torch with a CUDA build and add torchvision.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "diffdrr==0.6.1"
+	$(PY) -m pip install --quiet torchio fastcore einops pandas
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -101,3 +101,29 @@ def test_module_entry_point_runs_in_a_fresh_process(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "SVDRRLogic", "render", str(tmp_path / "missing.nrrd"),
                           "-o", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_bench_prints_rows_for_every_setting(tmp_path, capsys):
+    from SVDRRLogic.io import write_ct
+    from SVDRRLogic.phantoms import chest_phantom
+    write_ct(tmp_path / "ct.nrrd", chest_phantom(shape=(24, 40, 40), spacing=(9.0, 9.0, 13.0)))
+    code, out, err = run(capsys, "bench", "--ct", str(tmp_path / "ct.nrrd"), "--sizes", "16,24", "--repeat", "1",
+                         "--batch", "2", "--no-peers", "--no-large", "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    speed = result["speed"]
+    assert {(r["renderer"], r["size"], r["views"]) for r in speed} == {
+        (name, size, views) for name in ("svdrr", "svdrr fast") for size in (16, 24) for views in (1, 2)}
+    assert all(r["ms_per_view"] > 0 for r in speed)
+    acc = {r["renderer"]: r for r in result["accuracy"]}
+    assert acc["svdrr"]["median_rel_err_pct"] < 0.1 and acc["svdrr"]["rel_rmse_pct"] < 0.5
+
+
+def test_demo_writes_an_orbit_and_a_contact_sheet(tmp_path, capsys):
+    from PIL import Image
+    code, out, err = run(capsys, "demo", "-o", str(tmp_path), "--device", "cpu")
+    assert code == 0, err
+    sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
+    assert sheet.ndim == 2 and sheet.shape[0] > 400 and sheet.std() > 20  # tiles, not a blank page
+    views = json.loads((tmp_path / "orbit" / "views.json").read_text())["views"]
+    assert len(views) == 11 and views[0]["azimuth"] == -90.0
