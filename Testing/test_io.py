@@ -284,6 +284,22 @@ def test_monochrome1_is_inverted_so_dense_is_bright(tmp_path):
     assert windowed.array[3, 4] == pytest.approx(0.9) and windowed.array[0, 0] == 0.0
 
 
+def test_voi_lut_sequence_is_applied_on_request(tmp_path):
+    """A VOI LUT Sequence (a table, not a window) maps stored values through the table, in bone-bright polarity."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    stored = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.uint16)
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [8, 0, 8])
+    item.add_new("LUTData", "US", [0, 10, 20, 40, 80, 160, 200, 255])  # a non-linear display curve
+    write_xray_dicom(tmp_path / "lut.dcm", stored, VOILUTSequence=Sequence([item]))
+    out = load_xray(tmp_path / "lut.dcm", apply_window=True).array
+    np.testing.assert_allclose(out, np.array(item.LUTData, float).reshape(2, 4) / 255.0)
+    write_xray_dicom(tmp_path / "lut1.dcm", stored, photometric="MONOCHROME1", VOILUTSequence=Sequence([item]))
+    inverted = load_xray(tmp_path / "lut1.dcm", apply_window=True).array
+    np.testing.assert_allclose(inverted, 1.0 - out)  # MONOCHROME1: low stored values are the dense ones
+
+
 def test_rescale_and_acquisition_attributes(tmp_path):
     stored = np.arange(80, dtype=np.uint16).reshape(8, 10)
     write_xray_dicom(tmp_path / "dx.dcm", stored, RescaleSlope=DSfloat(0.5), RescaleIntercept=DSfloat(10),

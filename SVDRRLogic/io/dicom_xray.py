@@ -36,7 +36,7 @@ def read_dicom_xray(path: Path, apply_window: bool = False) -> XRayImage:
         values = lo + hi - values
     windows = _windows(ds, lo + hi if inverted else None)
     if apply_window:
-        values = _apply_window(values, windows, str(ds.get("VOILUTFunction", "LINEAR")), path)
+        values = _apply_voi(ds, values, lo + hi if inverted else None, windows, path)
     spacing, spacing_meta = _pixel_spacing(ds)
     metadata = {"source": str(path), "format": "dicom", "photometric_interpretation": photometric,
                 "inverted": inverted, "windows": windows, "window_applied": apply_window,
@@ -84,12 +84,23 @@ def _windows(ds: Dataset, flip: float | None) -> list[tuple[float, float]]:
     return [(float(flip - c if flip is not None else c), float(w)) for c, w in zip(centers, widths)]
 
 
-def _apply_window(values: np.ndarray, windows: list[tuple[float, float]], function: str, path: Path) -> np.ndarray:
-    """The first stored window mapped to [0, 1] (DICOM LINEAR_EXACT, or SIGMOID when the file asks for it)."""
+def _apply_voi(ds: Dataset, values: np.ndarray, flip: float | None, windows: list[tuple[float, float]],
+               path: Path) -> np.ndarray:
+    """The first stored VOI transform mapped to [0, 1]: a VOI LUT Sequence when present, else the first window
+    (DICOM LINEAR_EXACT, or SIGMOID when the file asks for it)."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        lut = np.asarray(item.LUTData, dtype=np.float64).ravel()
+        first = float(item.LUTDescriptor[1])
+        raw = values if flip is None else flip - values  # the LUT is indexed by the stored polarity
+        mapped = lut[np.clip(np.rint(raw - first), 0, lut.size - 1).astype(np.int64)]
+        span = max(float(lut.max() - lut.min()), 1e-12)
+        mapped = (mapped - lut.min()) / span
+        return mapped if flip is None else 1.0 - mapped
     if not windows:
-        raise ImageError(f"{path}: no window center/width stored, cannot apply a window; load without apply_window")
+        raise ImageError(f"{path}: no VOI LUT or window stored, cannot apply one; load without apply_window")
     center, width = windows[0]
-    if function.upper() == "SIGMOID":
+    if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     return np.clip((values - center) / width + 0.5, 0.0, 1.0)
 
