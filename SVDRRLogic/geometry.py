@@ -230,7 +230,8 @@ def from_svdrr_angles(theta: float, phi: float) -> tuple[float, float]:
 
 
 # -- view sets ----------------------------------------------------------------------------------------------
-def arc(start: float = -90.0, stop: float = 90.0, step: float = 5.0, elevation: float = 0.0) -> list[tuple[float, float]]:
+def arc(start: float = -90.0, stop: float = 90.0, step: float = 5.0,
+        elevation: float = 0.0) -> list[tuple[float, float]]:
     """Azimuths from ``start`` to ``stop`` inclusive (SV-DRR's "simple" set is arc(-90, 90, 5): 37 views)."""
     if step <= 0 or stop < start:
         raise GeometryError(f"an arc needs start <= stop and a positive step, got {start}:{stop}:{step}")

@@ -8,7 +8,7 @@ import pytest
 
 from SVDRRLogic.cli import main
 from SVDRRLogic.geometry import CArmGeometry
-from SVDRRLogic.io import load_ct, load_xray
+from SVDRRLogic.io import load_xray
 
 SMALL = ["--detector", "48,40", "--pixel", "8"]
 
