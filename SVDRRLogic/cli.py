@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="render an orbit of the phantom and write a contact sheet")
     d.add_argument("-o", "--output-dir", required=True, type=Path)
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    m = sub.add_parser("models", help="the model catalogue: list, download, verify, create random test models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="catalogue models and whether they are in the cache")
+    ml.add_argument("--json", action="store_true", help="print the catalogue entries and cache states as JSON")
+    md = msub.add_parser("download", help="fetch a model into the cache (SVDRR_HOME), checking sha256")
+    md.add_argument("name", help="catalogue name (see 'svdrr models list')")
+    md.add_argument("--quiet", action="store_true", help="no progress bars")
+    mv = msub.add_parser("verify", help="re-hash the cached files of a model against the catalogue")
+    mv.add_argument("name", help="catalogue name")
+    mr = msub.add_parser("create-random", help="write a randomly initialised model in the layout of NAME")
+    mr.add_argument("name", help="catalogue name whose kind and resolution to use")
+    mr.add_argument("--config", choices=["tiny", "paper"], default="tiny",
+                    help="tiny: seconds on a CPU (tests); paper: the published architecture's size")
+    mr.add_argument("-o", "--output-dir", required=True, type=Path)
     return p
 
 
@@ -166,10 +181,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from . import weights
+
+    catalogue = weights.Catalogue.load()
+    if args.models_command == "list":
+        rows = [(e.name, e.kind, str(e.resolution or "-"), e.preset, e.source.describe(), weights.cache_status(e))
+                for e in catalogue]
+        if args.json:
+            print(json.dumps([dict(zip(("name", "kind", "resolution", "preset", "source", "cache"), r))
+                              | {"licence": e.licence, "normalization": e.normalization, "verified": e.verified}
+                              for r, e in zip(rows, catalogue)], indent=2))
+            return 0
+        head = ("NAME", "KIND", "RES", "PRESET", "SOURCE", "CACHE")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        for r in [head, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(f"cache: {weights.home() / 'models'}")
+        return 0
+    if args.models_command == "download":
+        folder = weights.resolve(args.name, progress=not args.quiet, catalogue=catalogue, check=True)
+        print(folder)
+        return 0
+    if args.models_command == "verify":
+        report = weights.verify(args.name, catalogue=catalogue)
+        if len(report.missing) == len(report.checks):
+            raise weights.WeightsError(f"'{report.name}' is not in the cache ({report.folder}); "
+                                       f"`svdrr models download {report.name}` fetches it")
+        for line in report.lines():
+            print(line)
+        if not report.ok:
+            bad = [c.path for c in report.checks if c.status not in weights.GOOD_STATUSES]
+            raise weights.WeightsError(f"{len(bad)} of {len(report.checks)} files of '{report.name}' are missing "
+                                       f"or bad in {report.folder}: {', '.join(bad)} "
+                                       f"(`svdrr models download {report.name}` fetches them again)")
+        print(f"{report.name}: all {len(report.checks)} files verified in {report.folder}")
+        return 0
+    out = weights.create_random(args.name, args.output_dir, config=args.config, catalogue=catalogue)
+    lacking = weights.layout_differences(catalogue.get(args.name), out)
+    if lacking:
+        print(f"svdrr: note: {out} lacks catalogue file(s) of '{args.name}': {', '.join(lacking)}", file=sys.stderr)
+    print(f"wrote a random {args.config} '{catalogue.get(args.name).kind}' model to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    commands = {"render": cmd_render, "bench": cmd_bench, "demo": cmd_demo}
+    commands = {"render": cmd_render, "bench": cmd_bench, "demo": cmd_demo, "models": cmd_models}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
