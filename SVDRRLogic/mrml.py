@@ -248,9 +248,10 @@ def _tag(node, kind: str, synthetic: bool, source: str | None) -> None:
 
 # -- CT volumes ---------------------------------------------------------------------------------------------------
 def add_ct_volume_node(scene, ct: CTVolume, name: str = "CT", synthetic: bool = False,
-                       volume_rendering: bool = True, volume_rendering_logic=None):
+                       volume_rendering: bool = True, volume_rendering_logic=None, kind: str | None = None):
     """A new scalar volume node holding ``ct`` (float32 voxels, ``ct.ijk_to_ras``), CT window/level presets and,
-    when ``volume_rendering``, a visible volume rendering.
+    when ``volume_rendering``, a visible volume rendering. ``kind`` (the ``SVDRR.Kind`` attribute) defaults to
+    "Reconstructed CT" for synthetic volumes and "CT" otherwise; a generated phantom says "Phantom CT".
 
     Volume rendering: with ``volume_rendering_logic`` (inside Slicer pass the Volume Rendering module's logic) its
     default nodes and the ``CT-Chest-Contrast-Enhanced`` preset are used; without it a GPU ray-cast display node
@@ -270,7 +271,7 @@ def add_ct_volume_node(scene, ct: CTVolume, name: str = "CT", synthetic: bool = 
     try:
         node.SetAndObserveImageData(image_from_array(ct.array_hu))
         set_ijk_to_ras(node, ct.ijk_to_ras)
-        _tag(node, "Reconstructed CT" if synthetic else "CT", synthetic, ct.source)
+        _tag(node, kind or ("Reconstructed CT" if synthetic else "CT"), synthetic, ct.source)
         node.SetAttribute(ATTR_UNITS, ct.units)
         set_json_attribute(node, ATTR_METADATA, ct.metadata)
     finally:

@@ -265,9 +265,10 @@ def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
     without brackets, and the result is checked: a bundle without its scene file, or with an empty sequence,
     raises OSError naming the culprit instead of leaving a silently incomplete file.
     """
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # Slicer's writer refuses relative folders
     if path.suffix.lower() != ".mrb":
         raise ValueError(f"{path}: a scene bundle file name must end in .mrb")
+    new_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     url, root, cwd = scene.GetURL(), scene.GetRootDirectory(), os.getcwd()
     staging = Path(tempfile.mkdtemp(prefix=".svdrr-save-", dir=path.parent))
@@ -279,6 +280,11 @@ def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
             raise OSError(f"{path}: saving the scene bundle failed: {_messages(messages) or 'no details'}")
         _check_bundle(target, path)
         os.replace(target, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if new_folder:
+            shutil.rmtree(path.parent, ignore_errors=True)  # a failed save leaves nothing behind
+        raise
     finally:
         os.chdir(cwd)  # Slicer's zip code changes the working directory and may leave it changed
         shutil.rmtree(staging, ignore_errors=True)

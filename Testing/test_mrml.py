@@ -462,7 +462,7 @@ def _svdrr_attributes(scene) -> dict:
     return out
 
 
-def test_scene_bundle_round_trip(scene, geometry, tmp_path):
+def test_scene_bundle_round_trip(scene, geometry, tmp_path, monkeypatch):
     drr = mrml.show_drr(scene, image_for(geometry), geometry)
     ct = oblique_ct()
     mrml.add_ct_volume_node(scene, ct, "CT")
@@ -505,6 +505,8 @@ def test_scene_bundle_round_trip(scene, geometry, tmp_path):
 
     mrml.save_scene_bundle(loaded, tmp_path / "again.mrb")  # a loaded scene saves again
     assert _counts(mrml.load_scene_bundle(tmp_path / "again.mrb")) == counts
+    monkeypatch.chdir(tmp_path)
+    assert mrml.save_scene_bundle(loaded, Path("relative") / "scene.mrb") == tmp_path / "relative" / "scene.mrb"
 
 
 def test_scene_bundle_save_is_atomic_and_checked(scene, geometry, tmp_path):
@@ -521,6 +523,9 @@ def test_scene_bundle_save_is_atomic_and_checked(scene, geometry, tmp_path):
     with pytest.raises(OSError, match="sequence"):
         mrml.save_scene_bundle(scene, target)
     assert target.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep [1].mrb"]
+    with pytest.raises(OSError, match="sequence"):  # a failed save into a new folder leaves no folder behind
+        mrml.save_scene_bundle(scene, tmp_path / "new" / "scene.mrb")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep [1].mrb"]
     with pytest.raises(ValueError, match=".mrb"):
         mrml.save_scene_bundle(scene, tmp_path / "scene.zip")

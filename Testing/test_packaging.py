@@ -68,8 +68,10 @@ def test_every_python_file_is_listed_and_none_is_stale(module_lists):
 
 
 def test_every_resource_is_listed_and_none_is_stale(module_lists):
+    """Everything in Resources/ ships with the module, except the screenshots (for the README and the index)."""
     resources = listed(module_lists, "MODULE_PYTHON_RESOURCES")
-    expected = {f"../{p.relative_to(ROOT).as_posix()}" for p in files_under(ROOT / "Resources")}
+    expected = {f"../{p.relative_to(ROOT).as_posix()}" for p in files_under(ROOT / "Resources")
+                if p.parent.name != "Screenshots"}
     assert sorted(expected - set(resources)) == [], "missing from MODULE_PYTHON_RESOURCES"
     assert sorted(set(resources) - expected) == [], "stale in MODULE_PYTHON_RESOURCES"
     assert {"../Resources/UI/SVDRRSlicer.ui", "../Resources/Icons/SVDRR.png", "../Resources/presets/geometry.json",
@@ -134,6 +136,7 @@ def test_icon_url_points_at_the_icon_in_the_repository():
         assert image.format == "PNG" and image.size == (128, 128)
     for screenshot in top["EXTENSION_SCREENSHOTURLS"]:
         assert screenshot.startswith(prefix) and screenshot.endswith(".png")
+        assert (ROOT / screenshot[len(prefix):]).is_file(), f"{screenshot} does not exist in the repository"
 
 
 def test_license_is_apache_2():
