@@ -18,7 +18,7 @@ from .geometry import CArmGeometry, GeometryError, parse_view_set, preset_names
 
 FORMATS = ("nrrd", "nii.gz", "png", "dcm")
 _NUMBER_LIST = re.compile(r"^-\d*\.?\d+(e-?\d+)?(,-?\d*\.?\d+(e-?\d+)?)*$")
-_LIST_OPTIONS = {"--view", "--isocenter", "--detector", "--pixel"}
+_LIST_OPTIONS = {"--view", "--isocenter", "--detector", "--pixel", "--source-view"}
 
 
 class UsageError(Exception):
@@ -105,9 +105,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peers", action="store_true", help="skip plastimatch and DiffDRR")
     b.add_argument("--no-large", action="store_true", help="skip the 512x512x500 CT at 1024^2 memory check")
 
+    s = sub.add_parser("synthesize", help="novel views of one X-ray with an SV-DRR model (synthetic images)",
+                       description="Synthesize new C-arm views of the patient in one X-ray with an SV-DRR model. "
+                                   "Writes one image per view and synthesis.json (the settings and every view's "
+                                   "geometry). The images are plausible guesses, not measurements: not for "
+                                   "diagnosis.")
+    s.add_argument("xray", help="the X-ray: DICOM (CR/DX), PNG/JPEG, or a single-slice NRRD/NIfTI such as a DRR")
+    s.add_argument("-o", "--output-dir", required=True, type=Path)
+    s.add_argument("--model", required=True, metavar="NAME_OR_DIR",
+                   help="catalogue name (see 'svdrr models list') or a model folder in the authors' layout")
+    s.add_argument("--view", type=_view, action="append", metavar="AZ,EL",
+                   help="target azimuth (LAO+) and elevation (cranial+) in degrees; repeatable")
+    s.add_argument("--views", metavar="SET", help="arc:START:STOP:STEP[:EL] or hemisphere:N "
+                                                  "(default without --view: arc:-90:90:30)")
+    s.add_argument("--steps", type=int, default=20, help="denoising steps (DPM-Solver++; default 20)")
+    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    s.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same images (default 0)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--format", choices=FORMATS, default="png")
+    s.add_argument("--batch", type=int, default=4, help="views denoised together (memory vs speed)")
+    s.add_argument("--source-view", type=_view, metavar="AZ,EL",
+                   help="C-arm angles of the input X-ray (default: those stored in an SVDRR file, else PA 0,0, "
+                        "the only source view the released models were trained with)")
+
     d = sub.add_parser("demo", help="render an orbit of the phantom and write a contact sheet")
     d.add_argument("-o", "--output-dir", required=True, type=Path)
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--catalogue", type=Path, metavar="FILE",
+                   help="model catalogue to find the demonstration model in (default: Resources/models.json)")
 
     m = sub.add_parser("models", help="the model catalogue: list, download, verify, create random test models")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -163,6 +188,20 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from .synthesize import MANIFEST_NAME, synthesize_views
+
+    if args.steps < 1 or args.batch < 1:
+        raise UsageError("--steps and --batch must be at least 1")
+    angles = list(args.view or []) + (parse_view_set(args.views) if args.views else [])
+    written = synthesize_views(args.xray, args.model, angles or parse_view_set("arc:-90:90:30"), args.output_dir,
+                               steps=args.steps, guidance=args.guidance, seed=args.seed, device=args.device,
+                               fmt=args.format, batch=args.batch, source_view=args.source_view)
+    print(f"wrote {len(written)} synthesized view(s) and {MANIFEST_NAME} to {args.output_dir} "
+          "(synthetic images, not for diagnosis)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -176,7 +215,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    sheet = run_demo(args.output_dir, device=args.device)
+    sheet = run_demo(args.output_dir, device=args.device, catalogue=args.catalogue)
     print(f"contact sheet: {sheet}")
     return 0
 
@@ -228,7 +267,8 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    commands = {"render": cmd_render, "bench": cmd_bench, "demo": cmd_demo, "models": cmd_models}
+    commands = {"render": cmd_render, "synthesize": cmd_synthesize, "bench": cmd_bench, "demo": cmd_demo,
+                "models": cmd_models}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

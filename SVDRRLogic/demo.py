@@ -1,21 +1,36 @@
 """``svdrr demo``: everything the product does by default, on data it makes itself (no downloads).
 
-For now: an orbit of DRRs of the procedural chest phantom and a labelled contact sheet; the novel-view and
-reconstruction issues add their steps here.
+1. An orbit of DRRs of the procedural chest phantom and a labelled contact sheet.
+2. Novel views: only when the catalogue has an SV-DRR model marked ``"demo": true`` that resolves without the network
+   (an embedded model, or one already in the cache), the PA DRR of step 1 goes through it and the synthesized views
+   get their own contact sheet; otherwise the demo says so in one line and goes on.
+
+The reconstruction issue adds its step here.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import weights
 from .export import render_views
 from .geometry import CArmGeometry, arc
+from .images import XRayImage
+from .io import load_xray
 from .io.common import atomic_output
 from .phantoms import chest_phantom
 
+log = logging.getLogger(__name__)
+
 BANNER = "SYNTHETIC DRRs of a generated phantom - not for diagnosis"
+NOVEL_BANNER = "SYNTHESIZED views (SV-DRR demonstration model) of a phantom DRR - not for diagnosis"
+NO_DEMO_MODEL = "no demonstration model installed: skipping novel views"
+#: The novel views of the demo: five azimuths around the PA source, at the model's own resolution.
+NOVEL_VIEWS = arc(-90, 90, 45)
 
 
 def contact_sheet(tiles: list[np.ndarray], labels: list[str], columns: int = 5, title: str = BANNER) -> Image.Image:
@@ -34,15 +49,75 @@ def contact_sheet(tiles: list[np.ndarray], labels: list[str], columns: int = 5, 
     return sheet
 
 
-def run_demo(out_dir: Path, device: str = "auto") -> Path:
+def demo_model(catalogue=None) -> str | None:
+    """The first SV-DRR model of the catalogue marked ``"demo": true`` that resolves offline (embedded in the
+    extension, or already in the cache), or None. ``catalogue``: a Catalogue or a catalogue file (default
+    ``Resources/models.json``)."""
+    cat = catalogue if isinstance(catalogue, weights.Catalogue) else weights.Catalogue.load(catalogue)
+    for entry in cat:
+        if not (entry.demo and entry.kind == "svdrr"):
+            continue
+        try:
+            weights.resolve(entry.name, offline=True, progress=False, catalogue=cat)
+        except weights.WeightsError as exc:
+            log.info("demonstration model '%s' is not usable offline: %s", entry.name, exc)
+            continue
+        return entry.name
+    return None
+
+
+def novel_view_step(out_dir: Path, source: XRayImage, device: str = "auto", catalogue=None,
+                    say: Callable[[str], None] = print) -> Path | None:
+    """Synthesize :data:`NOVEL_VIEWS` of ``source`` with the demonstration model into ``out_dir/novel_views`` and
+    write ``out_dir/novel_views_sheet.png`` (the input first); without a demonstration model, say so and return
+    None."""
+    name = demo_model(catalogue)
+    if name is None:
+        say(NO_DEMO_MODEL)
+        return None
+    from .synthesize import synthesize_views  # torch, diffusers and transformers only when there is a model
+
+    out_dir = Path(out_dir)
+    written = synthesize_views(source, name, NOVEL_VIEWS, out_dir / "novel_views", steps=20, guidance=3.0, seed=0,
+                               device=device, fmt="png", catalogue=catalogue, offline=True,
+                               progress=lambda fraction, message: None)
+    size = source.array.shape
+    tiles = [_tile(source.array, size)] + [_tile(load_xray(p).array, size) for p in written]
+    labels = ["input (PA DRR)"] + [f"synth az {a:+.0f} el {e:+.0f}" for a, e in NOVEL_VIEWS]
+    sheet_path = out_dir / "novel_views_sheet.png"
+    with atomic_output(sheet_path, ".png") as tmp:
+        contact_sheet(tiles, labels, columns=len(tiles), title=NOVEL_BANNER).save(tmp, format="PNG")
+    say(f"novel views ({name}, a small demonstration model: synthetic images, not for diagnosis): {sheet_path}")
+    return sheet_path
+
+
+def _tile(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``array`` min-max scaled to [0, 1] and resized to ``size`` (rows, cols), for a contact sheet."""
+    a = np.asarray(array, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    if a.shape != tuple(size):
+        a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.BILINEAR))
+    return a
+
+
+def run_demo(out_dir: Path, device: str = "auto", catalogue=None, say: Callable[[str], None] = print) -> Path:
+    """The demo's steps (module docstring) into ``out_dir``; returns the DRR contact sheet. ``catalogue`` is where
+    the demonstration model is looked for (default ``Resources/models.json``); ``say`` prints progress lines."""
     out_dir = Path(out_dir)
     ct = chest_phantom(seed=0)
     base = CArmGeometry.preset("svdrr-lidc", isocenter=tuple(ct.center_ras), detector=(192, 192),
                                pixel=(358.4 / 192, 358.4 / 192))
     tiles: dict[int, tuple[np.ndarray, str]] = {}
 
+    pa: dict[str, XRayImage] = {}
+
     def keep(index: int, image: np.ndarray, geom: CArmGeometry) -> None:
         tiles[index] = (image, f"az {geom.azimuth:+.0f}  el {geom.elevation:+.0f}")
+        if (geom.azimuth, geom.elevation) == (0.0, 0.0):
+            pa["drr"] = XRayImage(image, (geom.pixel[1], geom.pixel[0]),
+                                  metadata={"synthetic": True, "kind": "DRR", "geometry": geom.to_dict()},
+                                  ijk_to_ras=geom.detector_ijk_to_ras, source="PA DRR of the demo chest phantom")
 
     render_views(ct, base, arc(-90, 90, 18), out_dir / "orbit", fmt="png", output="display", device=device,
                  on_view=keep)
@@ -50,4 +125,5 @@ def run_demo(out_dir: Path, device: str = "auto") -> Path:
     sheet_path = out_dir / "contact_sheet.png"
     with atomic_output(sheet_path, ".png") as tmp:
         contact_sheet([t for t, _ in ordered], [lab for _, lab in ordered]).save(tmp, format="PNG")
+    novel_view_step(out_dir, pa["drr"], device=device, catalogue=catalogue, say=say)
     return sheet_path

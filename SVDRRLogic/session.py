@@ -1,5 +1,6 @@
 """The live DRR session behind the Slicer module's panel, without Qt: one CT node, its cached renderer, the C-arm
-display and the DRR output node; plus the pieces of an orbit job (its description, and reading its files back).
+display and the DRR output node; plus the pieces of an orbit job (its description, and reading its files back),
+which the novel-view jobs of :mod:`SVDRRLogic.session_synthesis` share.
 
 The module's widget only wires widgets, timers and dialogs to this; everything here takes the scene explicitly
 and goes through :mod:`SVDRRLogic.mrml`, so pytest drives it with the ``slicer-core`` wheel (Testing/test_session.py).
@@ -117,25 +118,37 @@ def export_drr(node, path: str | os.PathLike, format: str | None = None) -> Path
     return write_image(path, xray, mrml.geometry_from_node(node), format=format)
 
 
-def orbit_job(ct_path: str | os.PathLike, geometry: CArmGeometry, views: str | Sequence[Sequence[float]],
-              output_dir: str | os.PathLike, fmt: str = "nrrd", device: str = "auto",
-              hu_model: str = "physical", batch: int = 4) -> dict:
-    """The worker's ``render_orbit`` job; the view set is checked here, so a typo fails before anything starts."""
+def check_view_spec(views: str | Sequence[Sequence[float]]) -> tuple[str | list[list[float]], int]:
+    """A set of views as a worker job takes it (a view-set string such as ``arc:-90:90:5`` or ``hemisphere:N``,
+    or ``[[azimuth, elevation], ...]``) and its number of views; a typo or an empty set raises GeometryError, so a
+    job fails before anything starts."""
     if isinstance(views, str):
         views = views.strip()
         count = len(parse_view_set(views))
     else:
-        views = [[float(a), float(e)] for a, e in views]
+        try:
+            views = [[float(a), float(e)] for a, e in views]
+        except (TypeError, ValueError):
+            raise GeometryError("views must be [azimuth, elevation] pairs of numbers in degrees") from None
         count = len(views)
     if count == 0:
         raise GeometryError("the view set is empty")
+    return views, count
+
+
+def orbit_job(ct_path: str | os.PathLike, geometry: CArmGeometry, views: str | Sequence[Sequence[float]],
+              output_dir: str | os.PathLike, fmt: str = "nrrd", device: str = "auto",
+              hu_model: str = "physical", batch: int = 4) -> dict:
+    """The worker's ``render_orbit`` job; the view set is checked here, so a typo fails before anything starts."""
+    views, _count = check_view_spec(views)
     return {"task": "render_orbit", "ct": os.fspath(ct_path), "geometry": geometry.to_dict(), "views": views,
             "output_dir": os.fspath(output_dir), "format": fmt, "device": device, "hu_model": hu_model,
             "batch": int(batch)}
 
 
 def load_orbit(views_json: str | os.PathLike) -> tuple[np.ndarray, list[CArmGeometry]]:
-    """The images (views, rows, cols) and geometries of an orbit written by the worker (its ``views.json``)."""
+    """The images (views, rows, cols) and geometries of a set of views written by the worker: its ``views.json``
+    (DRRs) or ``synthesis.json`` (synthesized views); both list ``{"file", ...geometry}`` records."""
     path = Path(views_json)
     manifest = json.loads(path.read_text(encoding="utf-8"))
     records = manifest.get("views") or []
@@ -145,10 +158,11 @@ def load_orbit(views_json: str | os.PathLike) -> tuple[np.ndarray, list[CArmGeom
     return images, [CArmGeometry.from_dict(r) for r in records]
 
 
-def add_orbit(scene, views_json: str | os.PathLike, name: str = "DRR orbit", sequences_logic=None):
+def add_orbit(scene, views_json: str | os.PathLike, name: str = "DRR orbit", sequences_logic=None,
+              kind: str = "DRR"):
     """Import a finished orbit as a sequence (Sequences module); returns ``(sequence node, browser node)``."""
     images, geometries = load_orbit(views_json)
-    return mrml.add_orbit_sequence(scene, images, geometries, name=name, sequences_logic=sequences_logic)
+    return mrml.add_orbit_sequence(scene, images, geometries, name=name, sequences_logic=sequences_logic, kind=kind)
 
 
 def add_chest_phantom(scene, name: str = "SVDRR chest phantom", volume_rendering_logic=None, **phantom):
@@ -156,7 +170,7 @@ def add_chest_phantom(scene, name: str = "SVDRR chest phantom", volume_rendering
     from .phantoms import chest_phantom
 
     ct = chest_phantom(**phantom)
-    return mrml.add_ct_volume_node(scene, ct, name=name, synthetic=True,
+    return mrml.add_ct_volume_node(scene, ct, name=name, synthetic=True, kind="Phantom CT",
                                    volume_rendering_logic=volume_rendering_logic)
 
 

@@ -48,7 +48,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENTRY_KEYS = {"kind", "description", "source", "verified", "files", "licence", "licence_note", "preset",
-               "normalization", "resolution", "note", "options"}
+               "normalization", "resolution", "note", "options", "demo"}
 _REQUIRED_KEYS = {"kind", "source", "verified", "files", "licence", "preset", "normalization"}
 _FILE_KEYS = {"path", "sha256", "size", "optional", "url"}
 _CHUNK = 1 << 20
@@ -132,6 +132,8 @@ class ModelEntry:
     licence_note: str = ""
     note: str = ""
     options: dict = field(default_factory=dict)
+    #: A small demonstration model (``"demo": true``): ``svdrr demo`` uses it, and its outputs say so.
+    demo: bool = False
 
     @classmethod
     def from_dict(cls, name: str, d: dict, presets: set[str] | None = None) -> ModelEntry:
@@ -157,6 +159,8 @@ class ModelEntry:
             raise bad(f"bad resolution {res!r}")
         if not isinstance(d["verified"], bool):
             raise bad("'verified' must be true or false")
+        if not isinstance(d.get("demo", False), bool):
+            raise bad("'demo' must be true or false")
         source = _source(d["source"], bad)
         files = None if d["files"] is None else _files(d["files"], name, d["verified"], source, bad)
         if source.embedded and (files is None or not d["verified"]):
@@ -164,7 +168,7 @@ class ModelEntry:
         return cls(name=name, kind=d["kind"], source=source, files=files, verified=d["verified"],
                    licence=d["licence"], preset=d["preset"], normalization=d["normalization"], resolution=res,
                    description=d.get("description", ""), licence_note=d.get("licence_note", ""),
-                   note=d.get("note", ""), options=dict(d.get("options") or {}))
+                   note=d.get("note", ""), options=dict(d.get("options") or {}), demo=d.get("demo", False))
 
 
 def _source(s, bad) -> Source:
@@ -372,7 +376,7 @@ def resolve(name_or_path: str | os.PathLike, offline: bool | None = None, cache_
     todo = [f for f in _required_files(entry) if not _cached(f, folder, record, check)]
     if not todo:
         return folder
-    if is_offline(offline):
+    if is_offline(offline) and entry.source.type != "embedded":  # copying an embedded model needs no network
         missing = [f.path for f in todo if not (folder / f.path).is_file()]
         unsure = [f.path for f in todo if (folder / f.path).is_file()]
         what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",

@@ -87,6 +87,23 @@ PRESET_NAMES = list(PRESETS) or ["svdrr-lidc"]
 DEFAULT_PRESET = "svdrr-lidc" if "svdrr-lidc" in PRESET_NAMES else PRESET_NAMES[0]
 
 
+def novelViewModels():
+    """Names of the SV-DRR models of ``Resources/models.json`` (plain JSON: readable before torch exists), a
+    demonstration model (``"demo": true``) first, since it is the one that can ship with the extension."""
+    try:
+        with open(resourcePath("models.json"), encoding="utf-8") as f:
+            models = json.load(f).get("models", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        logging.error(f"SVDRR: cannot read the model catalogue: {exc}")
+        return []
+    names = [name for name, entry in models.items() if isinstance(entry, dict) and entry.get("kind") == "svdrr"]
+    return sorted(names, key=lambda name: not models[name].get("demo", False))
+
+
+SVDRR_MODEL_NAMES = novelViewModels() or ["svdrr-dit-fb-256"]
+DEFAULT_SVDRR_MODEL = SVDRR_MODEL_NAMES[0]
+
+
 def _outputFolder():
     """Default folder for orbits and exports: an SVDRR folder in Slicer's default data folder."""
     return pathlib.Path(slicer.app.defaultScenePath) / "SVDRR"
@@ -117,9 +134,11 @@ elevation sliders, or drag the yellow source point in the 3D view, and the DRR f
 moving, full resolution when you stop). The DRR appears in the red slice view and on the detector plate in the 3D
 view. "Render orbit" renders a whole set of views in a separate process and imports them as a sequence (browse it
 with the Sequences module); "Export DRR" writes the current DRR as PNG, DICOM or NRRD.
+"Novel views" synthesizes new C-arm views of one X-ray (a radiograph or a DRR) with an SV-DRR diffusion model, once a
+model is downloaded (svdrr models download NAME) or a model folder is chosen; several views become a sequence.
 Angles follow the DICOM positioner convention: azimuth LAO positive, elevation cranial positive, (0, 0) is a PA view.
-Every image SVDRR makes is marked synthetic: DRRs are simulations, not for diagnosis.
-Novel-view synthesis (SV-DRR) and CT reconstruction (DVG-Diffusion) will come with a later release.
+Every image SVDRR makes is marked synthetic: DRRs are simulations and synthesized views are plausible guesses of a
+model, not measurements; neither is for diagnosis. CT reconstruction (DVG-Diffusion) will come with a later release.
 """)
         self.parent.acknowledgementText = _("""
 SVDRR reimplements the view convention of SV-DRR (Xie et al.) and prepares DVG-Diffusion; it is built on 3D Slicer,
@@ -186,6 +205,12 @@ class SVDRRSlicerParameterNode:
     drrVolume - output volume of the DRR (None: a new one is created).
     orbitViews, orbitFormat, orbitOutputDirectory - what an orbit renders and where its files go.
     exportPath - file the DRR is exported to (format from the extension).
+    synthesisInput - X-ray (2D volume, e.g. a DRR) whose novel views are synthesized; never modified.
+    synthesisModel, synthesisModelFolder - catalogue SV-DRR model, or a model folder ('.' or empty: none) that wins.
+    synthesisAzimuth, synthesisElevation - the target view when synthesisViews is empty.
+    synthesisViews - several target views: arc:..., hemisphere:N or "AZ,EL; AZ,EL; ..." (imported as a sequence).
+    synthesisSteps, synthesisGuidance, synthesisSeed - denoising steps, guidance scale, noise seed.
+    synthesisOutputDirectory - each synthesis is written into a time-stamped sub-folder of this folder.
     """
 
     inputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -206,6 +231,16 @@ class SVDRRSlicerParameterNode:
     orbitFormat: Annotated[str, Choice(ORBIT_FORMATS)] = "nrrd"
     orbitOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
     exportPath: Annotated[pathlib.Path, Default(generator=lambda: _outputFolder() / "drr.png")]
+    synthesisInput: Optional[vtkMRMLScalarVolumeNode]
+    synthesisModel: Annotated[str, Choice(SVDRR_MODEL_NAMES)] = DEFAULT_SVDRR_MODEL
+    synthesisModelFolder: pathlib.Path
+    synthesisAzimuth: Annotated[float, WithinRange(-180.0, 180.0)] = 30.0
+    synthesisElevation: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
+    synthesisViews: str = ""
+    synthesisSteps: Annotated[int, WithinRange(1, 1000)] = 20
+    synthesisGuidance: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
+    synthesisSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    synthesisOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
 
 
 #
@@ -227,6 +262,8 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastPreset = None
         self._lastRenderKey = None
         self._inputInfo = (None, None)
+        self._synthesisInputInfo = (None, None)   # (node key, kind) of the novel-view input
+        self._modelStatus = (None, None)          # ((model, folder, packages installed), ModelStatus or None)
         self._previewAngles = None
         self._observedSource = None
         self._dragging = False
@@ -257,13 +294,16 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.renderButton.connect("clicked(bool)", self.onRenderButton)
         self.ui.renderOrbitButton.connect("clicked(bool)", self.onRenderOrbit)
-        self.ui.cancelOrbitButton.connect("clicked(bool)", self.onCancelOrbit)
+        self.ui.cancelOrbitButton.connect("clicked(bool)", self.onCancelJob)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.synthesizeButton.connect("clicked(bool)", self.onSynthesize)
+        self.ui.cancelSynthesisButton.connect("clicked(bool)", self.onCancelJob)
         # sliders do not track (tracking=false in the .ui): valueIsChanging while dragging -> preview,
         # valueChanged on release -> parameter node -> full-resolution render
         self.ui.azimuthSliderWidget.connect("valueIsChanging(double)", self.onAzimuthChanging)
         self.ui.elevationSliderWidget.connect("valueIsChanging(double)", self.onElevationChanging)
         self.ui.orbitProgressBar.hide()
+        self.ui.synthesisProgressBar.hide()
 
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self._updateDeviceLabel)
@@ -286,6 +326,7 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        self._modelStatus = (None, None)  # a model may have been downloaded meanwhile (e.g. from the console)
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -332,6 +373,7 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._lastPreset = p.geometryPreset
             self._applyPreset(p.geometryPreset)  # modifies p again (this handler runs nested, harmlessly)
         self._updateInputInfo()
+        self._updateSynthesisInfo()
         self._updateButtons()
         if p.live and self._canRender() and self._renderKey() != self._lastRenderKey and self.logic.dependenciesMet():
             self._settleTimer.start()  # (re)start: renders once the values stop changing
@@ -356,11 +398,42 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind, reason = self.logic.classify(node)
         self._inputInfo = (key, kind)
         if kind == "xray":
-            reason += " " + _("Novel views and CT reconstruction from X-rays need models that are not installed yet.")
+            reason += " " + _("Choose it in 'Novel views' to synthesize other views of it.")
         self.ui.inputKindLabel.text = reason
 
     def _inputKind(self):
         return self._inputInfo[1]
+
+    def _updateSynthesisInfo(self) -> None:
+        """The two status lines of 'Novel views': what the chosen X-ray is, and whether the model is usable
+        (re-checked only when the node, the model choice or the installed packages change)."""
+        p = self._parameterNode
+        node = p.synthesisInput
+        key = (node.GetID(), node.GetMTime()) if node else None
+        if key != self._synthesisInputInfo[0]:
+            kind, reason = self.logic.classify(node)
+            if kind == "ct":
+                reason = _("'{name}' is a 3D volume: choose a 2D X-ray, e.g. a DRR rendered above.").format(
+                    name=node.GetName())
+            elif node is None:
+                reason = _("Choose a 2D X-ray (a radiograph, or a DRR rendered above).")
+            self._synthesisInputInfo = (key, kind)
+            self.ui.synthesisInputLabel.text = reason
+        modelKey = (p.synthesisModel, str(p.synthesisModelFolder), self.logic.dependenciesMet())
+        if modelKey != self._modelStatus[0]:
+            status = self.logic.modelStatus(p.synthesisModel, p.synthesisModelFolder)
+            self._modelStatus = (modelKey, status)
+            self.ui.synthesisModelStatusLabel.text = status.message if status is not None else _(
+                "Checked once SVDRR's Python packages are installed (Synthesize sets them up).")
+
+    def _canSynthesize(self) -> bool:
+        p = self._parameterNode
+        if p is None or p.synthesisInput is None:
+            return False
+        if not self.logic.dependenciesMet():
+            return True  # the click installs the packages, then checks the X-ray and the model
+        status = self._modelStatus[1]
+        return self._synthesisInputInfo[1] == "xray" and status is not None and status.available
 
     def _canRender(self) -> bool:
         return self._parameterNode is not None and self._inputKind() == "ct"
@@ -370,9 +443,13 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self) -> None:
         canRender = self._canRender()
+        running = self._jobRunning()
+        runningKind = self._jobInfo["kind"] if running and self._jobInfo else None
         self.ui.renderButton.enabled = canRender
-        self.ui.renderOrbitButton.enabled = canRender and not self._jobRunning()
-        self.ui.cancelOrbitButton.enabled = self._jobRunning()
+        self.ui.renderOrbitButton.enabled = canRender and not running
+        self.ui.cancelOrbitButton.enabled = runningKind == "orbit"
+        self.ui.synthesizeButton.enabled = self._canSynthesize() and not running
+        self.ui.cancelSynthesisButton.enabled = runningKind == "synthesis"
         output = self._parameterNode.drrVolume
         self.ui.exportButton.enabled = bool(output and output.GetImageData())
         tip = "" if canRender else _("Select a CT volume first.")
@@ -525,30 +602,60 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             session = self.logic.session(p.inputVolume, p.device, p.huModel)
             geometry = session.geometry_for(p.geometryPreset, **self._viewSettings())
-            self._job, self._jobInfo = self.logic.startOrbit(geometry, p.orbitViews, p.orbitOutputDirectory,
-                                                             p.orbitFormat)
-            self.ui.orbitProgressBar.value = 0
-            self.ui.orbitProgressBar.setFormat(_("starting") + " (%p%)")
-            self.ui.orbitProgressBar.show()
-            self.ui.orbitStatusLabel.text = _("Rendering into {folder}").format(folder=self._jobInfo["outputDir"])
-            self._jobTimer.start()
-            self._updateButtons()
+            job, info = self.logic.startOrbit(geometry, p.orbitViews, p.orbitOutputDirectory, p.orbitFormat)
+            self._startJob(job, info, _("Rendering into {folder}").format(folder=info["outputDir"]))
 
-    def onCancelOrbit(self) -> None:
+    def onSynthesize(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the synthesis."), waitCursor=True):
+            if self._jobRunning() or not self.logic.ensureDependencies():
+                return
+            self._synthesisInputInfo = self._modelStatus = (None, None)  # check again, with the packages installed
+            self._updateSynthesisInfo()
+            p = self._parameterNode
+            if self._synthesisInputInfo[1] != "xray":
+                raise ValueError(self.ui.synthesisInputLabel.text)
+            status = self._modelStatus[1]
+            if status is None or not status.available:
+                raise ValueError(self.ui.synthesisModelStatusLabel.text)
+            views = self.logic.synthesisViews(p.synthesisAzimuth, p.synthesisElevation, p.synthesisViews)
+            job, info = self.logic.startSynthesis(p.synthesisInput, status.model, views, p.synthesisOutputDirectory,
+                                                  steps=p.synthesisSteps, guidance=p.synthesisGuidance,
+                                                  seed=p.synthesisSeed, device=p.device)
+            self._startJob(job, info, _("Synthesizing into {folder}").format(folder=info["outputDir"]))
+
+    # -- worker jobs (orbits and syntheses share this: one job at a time) -----------------------------------------
+    def _jobWidgets(self, kind):
+        """(progress bar, status label) of the section that started a job of ``kind``."""
+        if kind == "synthesis":
+            return self.ui.synthesisProgressBar, self.ui.synthesisStatusLabel
+        return self.ui.orbitProgressBar, self.ui.orbitStatusLabel
+
+    def _startJob(self, job, info, message) -> None:
+        self._job, self._jobInfo = job, info
+        bar, label = self._jobWidgets(info["kind"])
+        bar.value = 0
+        bar.setFormat(_("starting") + " (%p%)")
+        bar.show()
+        label.text = message
+        self._jobTimer.start()
+        self._updateButtons()
+
+    def onCancelJob(self) -> None:
         if self._jobRunning():
-            self.ui.orbitStatusLabel.text = _("Cancelling...")
+            self._jobWidgets(self._jobInfo["kind"])[1].text = _("Cancelling...")
             self._job.cancel()
             self._pollJob()
 
     def _pollJob(self) -> None:
         job = self._job
-        if job is None:
+        if job is None or self._jobInfo is None:
             self._jobTimer.stop()
             return
+        bar = self._jobWidgets(self._jobInfo["kind"])[0]
         for event in job.poll():
             if event["type"] == "progress":
-                self.ui.orbitProgressBar.value = int(round(1000 * event["fraction"]))
-                self.ui.orbitProgressBar.setFormat(event["message"].replace("%", "%%") + " (%p%)")
+                bar.value = int(round(1000 * event["fraction"]))
+                bar.setFormat(event["message"].replace("%", "%%") + " (%p%)")
             elif event["type"] == "log":
                 logging.info(f"SVDRR worker: {event['message']}")
         if job.done:
@@ -557,24 +664,39 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onJobDone(self, job) -> None:
         info, self._jobInfo = self._jobInfo, None
-        self.ui.orbitProgressBar.hide()
+        bar, label = self._jobWidgets(info["kind"])
+        bar.hide()
+        title = _("Novel views") if info["kind"] == "synthesis" else _("Orbit")
         try:
             if job.state == "finished":
-                with slicer.util.tryWithErrorDisplay(_("Failed to import the orbit."), waitCursor=True):
-                    sequence, browser = self.logic.importOrbit(job.result, info["name"])
-                    self.ui.orbitStatusLabel.text = _(
-                        "{n} views imported as the sequence '{name}' (browse them with the Sequences module); "
-                        "files in {folder}").format(n=sequence.GetNumberOfDataNodes(), name=sequence.GetName(),
-                                                    folder=info["outputDir"])
+                with slicer.util.tryWithErrorDisplay(_("Failed to import the results."), waitCursor=True):
+                    label.text = self._importJobResult(job.result, info)
             elif job.state == "cancelled":
-                self.ui.orbitStatusLabel.text = _("Orbit cancelled.")
+                label.text = _("{what}: cancelled.").format(what=title)
             else:
-                self.ui.orbitStatusLabel.text = _("Orbit failed.")
-                slicer.util.errorDisplay(_("The orbit failed: {error}").format(error=job.error),
-                                         windowTitle=_("SVDRR orbit"), detailedText="\n".join(job.stderr_tail))
+                label.text = _("{what}: failed.").format(what=title)
+                slicer.util.errorDisplay(_("{what} failed: {error}").format(what=title, error=job.error),
+                                         windowTitle=_("SVDRR"), detailedText="\n".join(job.stderr_tail))
         finally:
             self.logic.cleanupJob(info)
             self._updateButtons()
+
+    def _importJobResult(self, result, info) -> str:
+        """Bring a finished job's files into the scene; returns the status line."""
+        if info["kind"] == "synthesis":
+            imported = self.logic.importSynthesis(result, info["name"])
+            if imported.sequence is not None:
+                return _("{n} synthesized views imported as the sequence '{name}' (browse them with the Sequences "
+                         "module); files in {folder}").format(n=imported.count, name=imported.sequence.GetName(),
+                                                              folder=info["outputDir"])
+            node = imported.nodes[0]
+            self.logic.showInSliceView(node)
+            return _("Synthesized view imported as '{name}'; files in {folder}").format(name=node.GetName(),
+                                                                                       folder=info["outputDir"])
+        sequence = self.logic.importOrbit(result, info["name"])[0]
+        return _("{n} views imported as the sequence '{name}' (browse them with the Sequences module); files in "
+                 "{folder}").format(n=sequence.GetNumberOfDataNodes(), name=sequence.GetName(),
+                                    folder=info["outputDir"])
 
     def onExport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to export the DRR."), waitCursor=True):
@@ -748,11 +870,19 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("PythonSlicer was not found next to Slicer; cannot start a worker process."))
         return executable
 
+    def _startWorker(self, spec, workDir, outputDir, name, kind):
+        """Write ``spec`` as the job file in ``workDir`` and start the worker on it; returns ``(job, info)``."""
+        from SVDRRLogic.jobs import start_job, write_job_file
+
+        jobFile = write_job_file(spec, pathlib.Path(workDir) / "job.json")
+        job = start_job([self.pythonSlicerExecutable(), WORKER_SCRIPT, str(jobFile)],
+                        env=slicer.util.startupEnvironment())
+        return job, {"workDir": str(workDir), "outputDir": str(outputDir), "name": name, "kind": kind}
+
     def startOrbit(self, geometry, views, outputFolder, fileFormat="nrrd", batch=4):
         """Start rendering ``views`` (a view-set string or [[az, el], ...]) of the current session's CT around
         ``geometry`` in a worker process. Returns ``(job, info)``: poll ``job`` from a timer (``SVDRRLogic.jobs``),
         then pass ``job.result`` to :meth:`importOrbit` and ``info`` to :meth:`cleanupJob`."""
-        from SVDRRLogic.jobs import start_job, write_job_file
         from SVDRRLogic.session import orbit_job
 
         if self._session is None:
@@ -766,14 +896,61 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
             ctPath = self._session.write_ct(workDir / "ct.nrrd")
             spec = orbit_job(ctPath, geometry, views, outputDir, fileFormat, device=self._session.device,
                              hu_model=self._session.hu_model, batch=batch)
-            jobFile = write_job_file(spec, workDir / "job.json")
-            job = start_job([self.pythonSlicerExecutable(), WORKER_SCRIPT, str(jobFile)],
-                            env=slicer.util.startupEnvironment())
+            name = f"{self._session.ct_node.GetName()} orbit {stamp}"
+            return self._startWorker(spec, workDir, outputDir, name, "orbit")
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
-        name = f"{self._session.ct_node.GetName()} orbit {stamp}"
-        return job, {"workDir": str(workDir), "outputDir": str(outputDir), "name": name}
+
+    # -- novel views (SV-DRR, separate process) -------------------------------------------------------------------
+    def modelStatus(self, name, folder=None):
+        """Whether the SV-DRR model ``name`` (or the model ``folder``, which wins when set) can be used without a
+        download: a ``SVDRRLogic.session_synthesis.ModelStatus``, or None before the Python packages exist."""
+        if not self.dependenciesMet():
+            return None
+        from SVDRRLogic.session_synthesis import model_status
+
+        return model_status(name, folder)
+
+    @staticmethod
+    def synthesisViews(azimuth, elevation, spec=""):
+        """The target views: ``spec`` (arc:..., hemisphere:N, "AZ,EL; AZ,EL") or else the one view given."""
+        from SVDRRLogic.session_synthesis import target_views
+
+        return target_views(azimuth, elevation, spec)
+
+    def startSynthesis(self, xrayNode, model, views, outputFolder, steps=20, guidance=3.0, seed=0, device="auto",
+                       fileFormat="nrrd", batch=4):
+        """Start synthesizing ``views`` of the X-ray in ``xrayNode`` with the SV-DRR ``model`` (catalogue name or
+        folder) in a worker process. Returns ``(job, info)`` like :meth:`startOrbit`; pass ``job.result`` to
+        :meth:`importSynthesis`."""
+        from SVDRRLogic.session_synthesis import synthesis_job, write_xray_input
+
+        if xrayNode is None:
+            raise ValueError(_("Select an X-ray first."))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        outputDir = pathlib.Path(outputFolder) / f"synthesis-{stamp}"
+        workDir = pathlib.Path(slicer.util.tempDirectory("SVDRR-job"))
+        settings = dict(steps=steps, guidance=guidance, seed=seed, device=device, fmt=fileFormat, batch=batch,
+                        input_label=xrayNode.GetName())
+        try:
+            synthesis_job(workDir / "xray.nrrd", model, views, outputDir, **settings)  # fails at once on a typo
+            xrayPath = write_xray_input(xrayNode, workDir / "xray.nrrd")
+            spec = synthesis_job(xrayPath, model, views, outputDir, **settings)
+            return self._startWorker(spec, workDir, outputDir, f"{xrayNode.GetName()} novel views", "synthesis")
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def importSynthesis(result, name="Synthesized X-ray"):
+        """Import a finished synthesis (the job's result event): one node per view on its detector plane, or a
+        sequence for several views; returns a ``SVDRRLogic.session_synthesis.SynthesisImport``."""
+        from SVDRRLogic.session_synthesis import import_synthesis
+
+        sequences = getattr(slicer.modules, "sequences", None)
+        return import_synthesis(slicer.mrmlScene, result["synthesis_json"], name=name,
+                                sequences_logic=sequences.logic() if sequences else None)
 
     @staticmethod
     def importOrbit(result, name="DRR orbit"):
@@ -798,7 +975,7 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class SVDRRSlicerTest(ScriptedLoadableModuleTest):
-    """The full flow in a real Slicer: sample, DRR, source drag, preview, orbit job, cancel, export.
+    """The full flow in a real Slicer: sample, DRR, source drag, preview, orbit job, cancel, export, novel views.
     Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
@@ -811,6 +988,8 @@ class SVDRRSlicerTest(ScriptedLoadableModuleTest):
         self.test_SVDRRSlicer_flow()
         self.setUp()
         self.test_SVDRRSlicer_widget()
+        self.setUp()
+        self.test_SVDRRSlicer_synthesis()
 
     def _smallView(self, logic, ctNode, azimuth=0.0, elevation=0.0):
         session = logic.session(ctNode, "auto", "physical")
@@ -912,3 +1091,42 @@ class SVDRRSlicerTest(ScriptedLoadableModuleTest):
         self.assertAlmostEqual(p.azimuth, -25.0, places=3)
         self.assertAlmostEqual(p.elevation, 5.0, places=3)
         self.delayDisplay("Widget test passed")
+
+    def test_SVDRRSlicer_synthesis(self):
+        """Novel views of a DRR with a tiny random SV-DRR model (the images are noise; the plumbing is real)."""
+        self.delayDisplay("Starting the SVDRR novel-view test")
+        logic = SVDRRSlicerLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        from SVDRRLogic.models import create_random
+        from SVDRRLogic.mrml import geometry_from_node
+
+        ctNode = logic.loadChestPhantom(shape=(48, 96, 96), spacing=(3.7, 3.7, 6.7))
+        _session, geometry = self._smallView(logic, ctNode)
+        drrNode = logic.renderDRR(geometry)
+        self.assertEqual(logic.classify(drrNode)[0], "xray")
+        tempFolder = pathlib.Path(slicer.util.tempDirectory("SVDRR-test"))
+        self.assertFalse(logic.modelStatus("", tempFolder).available)
+        model = create_random(tempFolder / "tiny-svdrr", "tiny", 32)
+        status = logic.modelStatus("", model)
+        self.assertTrue(status.available, status.message)
+
+        job, info = logic.startSynthesis(drrNode, status.model, logic.synthesisViews(0.0, 0.0, "arc:-30:30:30"),
+                                         tempFolder, steps=3)
+        job.wait(timeout=600)
+        logic.cleanupJob(info)
+        self.assertEqual(job.state, "finished", job.error)
+        imported = logic.importSynthesis(job.result, "Test views")
+        self.assertEqual(imported.count, 3)
+        item = imported.sequence.GetNthDataNode(2)
+        self.assertEqual(geometry_from_node(item).azimuth, 30.0)
+        self.assertEqual(item.GetAttribute("SVDRR.Kind"), "Synthesized X-ray")
+        self.assertEqual(item.GetAttribute("SVDRR.Synthetic"), "true")
+
+        job, info = logic.startSynthesis(drrNode, status.model, logic.synthesisViews(20.0, -5.0), tempFolder, steps=2)
+        job.wait(timeout=600)
+        logic.cleanupJob(info)
+        self.assertEqual(job.state, "finished", job.error)
+        (node,) = logic.importSynthesis(job.result, "Test view").nodes
+        self.assertTrue(node.GetName().endswith("(synthetic)"))
+        self.assertEqual((geometry_from_node(node).azimuth, geometry_from_node(node).elevation), (20.0, -5.0))
+        self.delayDisplay("Novel-view test passed")

@@ -230,6 +230,13 @@ def test_choice_defaults_are_among_the_choices(tree):
     constants = module_constants(tree)
     presets = [k for k in json.loads((ROOT / "Resources/presets/geometry.json").read_text()) if not k.startswith("_")]
     constants.setdefault("PRESET_NAMES", presets)
+    # the module reads the SV-DRR models of the catalogue at import time (novelViewModels): the same list here
+    models = json.loads((ROOT / "Resources/models.json").read_text())["models"]
+    svdrr_models = sorted((n for n, e in models.items() if e.get("kind") == "svdrr"),
+                          key=lambda n: not models[n].get("demo", False))
+    assert svdrr_models, "the catalogue lists no SV-DRR model for the novel-view panel"
+    constants.setdefault("SVDRR_MODEL_NAMES", svdrr_models)
+    computed_defaults = {"DEFAULT_PRESET": "svdrr-lidc", "DEFAULT_SVDRR_MODEL": svdrr_models[0]}
     checked = 0
     for node in parameter_class(tree).body:
         if not isinstance(node, ast.AnnAssign):
@@ -241,11 +248,11 @@ def test_choice_defaults_are_among_the_choices(tree):
         arg = choice.args[0]
         choices = constants[arg.id] if isinstance(arg, ast.Name) else ast.literal_eval(arg)
         default = constants.get(node.value.id) if isinstance(node.value, ast.Name) else ast.literal_eval(node.value)
-        if isinstance(node.value, ast.Name) and node.value.id == "DEFAULT_PRESET":
-            default = "svdrr-lidc"
+        if isinstance(node.value, ast.Name) and node.value.id in computed_defaults:
+            default = computed_defaults[node.value.id]
         assert default in choices, f"{node.target.id}: default {default!r} not in {choices}"
         checked += 1
-    assert checked >= 4
+    assert checked >= 5
     assert "svdrr-lidc" in presets
     assert set(constants["HU_MODELS"]) == {"physical", "diffdrr"}
 

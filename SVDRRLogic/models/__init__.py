@@ -6,8 +6,8 @@ authors' layout), :func:`load_svdrr` (their released folders or ours, never exec
 """
 from .svdrr import (CONFIGS, POSE_DIM, CCProjection, ModelLoadError, SVDRRComponents, build_svdrr,
                     component_configs, dpm_solver_from_config, vae_scale_factor)
-from .svdrr_folder import AUTHORS_MODEL_INDEX, check_compatible, create_random, load_svdrr
+from .svdrr_folder import AUTHORS_MODEL_INDEX, check_compatible, create_random, load_svdrr, save_svdrr
 
 __all__ = ["AUTHORS_MODEL_INDEX", "CONFIGS", "POSE_DIM", "CCProjection", "ModelLoadError", "SVDRRComponents",
            "build_svdrr", "check_compatible", "component_configs", "create_random", "dpm_solver_from_config",
-           "load_svdrr", "vae_scale_factor"]
+           "load_svdrr", "save_svdrr", "vae_scale_factor"]

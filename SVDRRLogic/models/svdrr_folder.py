@@ -53,9 +53,16 @@ def create_random(out_dir: str | os.PathLike, config: str | dict = "tiny", resol
     ~2.5 GB of float32). The transformer config carries the authors' class name ``SvdrrTransformer2DModel`` and
     ``model_index.json`` their custom-module references, exactly what a loader meets in their folders.
     """
+    parts = build_svdrr(config, resolution, empty=not weights, seed=seed)
+    return save_svdrr(parts, out_dir, weights=weights)
+
+
+def save_svdrr(parts: SVDRRComponents, out_dir: str | os.PathLike, *, weights: bool = True) -> Path:
+    """Write ``parts`` in the authors' folder layout (what :func:`load_svdrr` reads; used by :func:`create_random`
+    and by the training export) and return the folder. Weights are safetensors; ``weights=False`` writes configs.
+    """
     import diffusers
     out = Path(out_dir).expanduser()
-    parts = build_svdrr(config, resolution, empty=not weights, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("transformer", "vae", "cc_projection"):
         module = getattr(parts, name)
@@ -269,4 +276,5 @@ def _load_pickled_state(model: Any, root: Path, sub: str, expected: dict, ignore
     return model
 
 
-__all__ = ["AUTHORS_MODEL_INDEX", "check_compatible", "create_random", "load_svdrr", "vae_scale_factor"]
+__all__ = ["AUTHORS_MODEL_INDEX", "check_compatible", "create_random", "load_svdrr", "save_svdrr",
+           "vae_scale_factor"]

@@ -99,6 +99,38 @@ def clip_input(x: torch.Tensor, size: int) -> torch.Tensor:
     return ((x + 1.0) / 2.0 - mean) / std
 
 
+# -- conditioning, shared by the pipeline and the training loop (training/svdrr) so both build the same inputs ---
+def encode_condition(image_encoder, vae, x: torch.Tensor,
+                     scale_source_latent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLIP image embedding (B, P), source latent (B, C, h, w)) of source images ``x`` (B, 3, R, R) in [-1, 1].
+
+    The latent is ``vae.encode(x).latent_dist.mode()`` *unscaled*, as the authors' training fed it (see
+    :attr:`SVDRRPipeline.scale_source_latent` for the one variant that scales it)."""
+    embed = image_encoder(pixel_values=clip_input(x, image_encoder.config.image_size).to(image_encoder.dtype))
+    latent = vae.encode(x.to(vae.dtype)).latent_dist.mode()
+    if scale_source_latent:
+        latent = latent * vae.config.scaling_factor
+    return embed.image_embeds, latent
+
+
+def view_tokens(cc_projection, embed: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
+    """``cc_projection([CLIP embedding, pose])`` as a one-token sequence (B, 1, D); an embedding of one row is
+    shared by all ``poses`` (B, 4)."""
+    dtype = cc_projection.dtype
+    x = torch.cat([embed.to(dtype).expand(poses.shape[0], -1), poses.to(embed.device, dtype)], dim=-1)
+    return cc_projection(x)[:, None, :]
+
+
+def denoise(transformer, latents: torch.Tensor, source_latent: torch.Tensor, tokens: torch.Tensor,
+            timestep: torch.Tensor) -> torch.Tensor:
+    """The transformer on ``[noisy latent, source latent]`` (channel concatenation) with the view token as the
+    cross-attention sequence; returns all output channels (epsilon, then the learned-variance values)."""
+    dtype = transformer.dtype
+    model_in = torch.cat([latents, source_latent.to(latents.dtype)], dim=1).to(dtype)
+    return transformer(model_in, encoder_hidden_states=tokens.to(dtype), timestep=timestep,
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+
 @dataclass
 class SVDRROutput:
     """Synthesized views: ``images`` (views, R, R) in [0, 1] (bone bright, display-normalized like a DRR PNG,
@@ -175,18 +207,11 @@ class SVDRRPipeline(DiffusionPipeline):
     def encode_source(self, image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLIP image embedding (1, P), source latent (1, C, h, w)) of the input X-ray."""
         x = normalize_source(image, self.resolution).to(device)
-        enc = self.image_encoder
-        embed = enc(pixel_values=clip_input(x, enc.config.image_size).to(enc.dtype)).image_embeds
-        latent = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
-        if self.scale_source_latent:
-            latent = latent * self.vae.config.scaling_factor
-        return embed, latent
+        return encode_condition(self.image_encoder, self.vae, x, self.scale_source_latent)
 
     def view_tokens(self, embed: torch.Tensor, poses: torch.Tensor) -> torch.Tensor:
         """``cc_projection([CLIP embedding, pose])`` as a one-token sequence (B, 1, D)."""
-        cc = self.cc_projection
-        x = torch.cat([embed.to(cc.dtype).expand(poses.shape[0], -1), poses.to(embed.device, cc.dtype)], dim=-1)
-        return cc(x)[:, None, :]
+        return view_tokens(self.cc_projection, embed, poses)
 
     # -- generation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,7 +248,6 @@ class SVDRRPipeline(DiffusionPipeline):
         poses = torch.tensor(pose_list, dtype=torch.float32)
         batches = [range(i, min(i + batch_size, len(views))) for i in range(0, len(views), batch_size)]
         total, done, results = len(batches) * num_inference_steps, 0, []
-        t_dtype = self.transformer.dtype
         with self.progress_bar(total=total) as bar:
             for idx in batches:
                 n = len(idx)
@@ -238,11 +262,7 @@ class SVDRRPipeline(DiffusionPipeline):
                 for t in self.scheduler.timesteps:
                     z = torch.cat([latents, latents]) if guided else latents
                     z = self.scheduler.scale_model_input(z, t)
-                    model_in = torch.cat([z, src.to(z.dtype)], dim=1).to(t_dtype)
-                    out = self.transformer(model_in, encoder_hidden_states=tokens.to(t_dtype),
-                                           timestep=t.expand(model_in.shape[0]),
-                                           added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                                           return_dict=False)[0]
+                    out = denoise(self.transformer, z, src, tokens, t.expand(z.shape[0]))
                     eps = out[:, :channels].float()
                     if guided:
                         eps_u, eps_c = eps.chunk(2)

@@ -9,6 +9,12 @@ Plain Python: no Qt, no MRML. The job file is a JSON object whose ``task`` picks
   "hemisphere:N" | [[azimuth, elevation], ...], "output_dir": folder, "format": "nrrd"|"png"|"dcm"|"nii"|"nii.gz"|
   "mha", "device": "auto"|"cpu"|"cuda", optional "output" ("line-integral"), "hu_model" ("physical"),
   "batch" (4)}``. Writes one image per view plus ``views.json``; the result lists the images.
+- ``synthesize_views``: ``{"task": "synthesize_views", "xray": path (any file load_xray reads), "model": catalogue
+  name or model folder, "views": as above, "output_dir": folder, optional "steps" (20), "guidance" (3.0), "seed"
+  (0), "device" ("auto"), "format" ("nrrd"), "batch" (4), "source_view" ([azimuth, elevation] of the input; default
+  from the file, else PA), "input_label" (what the manifest calls the input), "offline" (default: the environment)}``.
+  Novel views with SV-DRR (``SVDRRLogic.synthesize``): one image per view plus ``synthesis.json``; a progress event
+  after every denoising step; the result lists the images and names the manifest (``synthesis_json``).
 
 Events (the protocol of ``SVDRRLogic.jobs``): ``progress`` (fraction 0..1, rising), ``log``, one ``result``
 (``outputs`` and task-specific keys) on success, or one ``error`` (``message``, ``detail`` traceback) and exit code
@@ -150,7 +156,41 @@ def render_orbit(job, events):
             "count": len(written), "seconds": round(time.monotonic() - started, 3)}
 
 
-TASKS = {"render_orbit": render_orbit}
+def synthesize_views(job, events):
+    """Novel views of one X-ray with an SV-DRR model (images + synthesis.json)."""
+    xray_path = _required(job, "xray")
+    model = str(_required(job, "model"))
+    out_dir = Path(_required(job, "output_dir"))
+    angles = _angles(_required(job, "views"))
+    try:
+        steps, batch, seed = int(job.get("steps", 20)), int(job.get("batch", 4)), int(job.get("seed", 0))
+        guidance = float(job.get("guidance", 3.0))
+    except (TypeError, ValueError):
+        raise JobFileError("'steps', 'batch' and 'seed' must be whole numbers and 'guidance' a number") from None
+    source_view = job.get("source_view")
+    offline = job.get("offline")
+
+    events.progress(0.0, "loading the engine")
+    import SVDRRLogic
+    from SVDRRLogic.synthesize import MANIFEST_NAME
+    from SVDRRLogic.synthesize import synthesize_views as synthesize
+
+    events.log(f"SVDRR engine {SVDRRLogic.__version__} from {Path(SVDRRLogic.__file__).parent}", level="debug")
+    if not Path(xray_path).exists():
+        raise FileNotFoundError(f"the X-ray {xray_path} does not exist")
+    events.log(f"synthesizing {len(angles)} view(s) with {model}, {steps} steps, guidance {guidance:g}, seed {seed}")
+    started = time.monotonic()
+    written = synthesize(xray_path, model, angles, out_dir, steps=steps, guidance=guidance, seed=seed,
+                         device=str(job.get("device", "auto")), fmt=str(job.get("format", "nrrd")), batch=batch,
+                         progress=events.progress, source_view=source_view, offline=offline,
+                         input_label=job.get("input_label"))
+    manifest = out_dir / MANIFEST_NAME
+    demo = json.loads(manifest.read_text(encoding="utf-8")).get("demo_model", False)
+    return {"outputs": [str(p) for p in written], "synthesis_json": str(manifest), "count": len(written),
+            "seconds": round(time.monotonic() - started, 3), "model": model, "demo_model": demo, "synthetic": True}
+
+
+TASKS = {"render_orbit": render_orbit, "synthesize_views": synthesize_views}
 
 
 # -- main ---------------------------------------------------------------------------------------------------
