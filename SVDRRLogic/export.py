@@ -33,6 +33,7 @@ def render_views(ct: CTVolume, base: CArmGeometry, angles: Sequence[tuple[float,
     geoms = [base.with_view(a, e) for a, e in angles]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "views.json").unlink(missing_ok=True)  # a failed re-run must not leave the old set looking complete
     written, records = [], []
     with tqdm(total=len(geoms), unit="view", desc="rendering", disable=None) as bar:
         for start in range(0, len(geoms), batch):

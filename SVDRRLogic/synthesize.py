@@ -165,13 +165,6 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
         raise WeightsError(str(exc)) from exc
     except OSError as exc:  # an unreadable file
         raise WeightsError(f"{choice.folder}: cannot read the model: {_first_line(exc)}") from exc
-    except Exception as exc:
-        # load_svdrr lets safetensors' SafetensorError (a damaged or truncated .safetensors header; it derives
-        # from Exception only) through unwrapped: it is a weights problem, said in one line
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        raise WeightsError(f"{_damaged_file(choice.folder) or choice.folder}: damaged weights file "
-                           f"({_first_line(exc)})") from exc
     if progress is not None:
         pipe.set_progress_bar_config(disable=True)
 
@@ -252,19 +245,6 @@ def _pair(value: Sequence[float], what: str) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise GeometryError(f"{what} must be (azimuth, elevation) in degrees, got {value!r}") from None
     return a, e
-
-
-def _damaged_file(folder: Path) -> Path | None:
-    """The first .safetensors file of a model folder whose header cannot be read (to name it to the user)."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(folder).glob("*/*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception:  # SafetensorError and OSError alike: this is the file to name
-            return path
-    return None
 
 
 def _first_line(exc: BaseException) -> str:

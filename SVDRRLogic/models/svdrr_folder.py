@@ -188,9 +188,12 @@ def _safetensors_shapes(directory: Path) -> dict[str, tuple]:
     from safetensors import safe_open
     shapes: dict[str, tuple] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                shapes[key] = tuple(fh.get_slice(key).get_shape())
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+            raise ModelLoadError(f"{path}: damaged weights file ({_first_line(exc)})") from None
     return shapes
 
 
