@@ -1,0 +1,2 @@
+"""Training of SVDRR's models (dataset rendering, training loops, evaluation). Imports ``SVDRRLogic``; the engine
+never imports this package."""
