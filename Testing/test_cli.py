@@ -119,8 +119,9 @@ def test_bench_prints_rows_for_every_setting(tmp_path, capsys):
     assert acc["svdrr"]["median_rel_err_pct"] < 0.1 and acc["svdrr"]["rel_rmse_pct"] < 0.5
 
 
-def test_demo_writes_an_orbit_and_a_contact_sheet(tmp_path, capsys):
+def test_demo_writes_an_orbit_and_a_contact_sheet(tmp_path, capsys, monkeypatch):
     from PIL import Image
+    monkeypatch.setenv("SVDRR_HOME", str(tmp_path / "home"))  # the demo model is resolved into this cache
     code, out, err = run(capsys, "demo", "-o", str(tmp_path), "--device", "cpu")
     assert code == 0, err
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))

@@ -354,7 +354,8 @@ def embedded_catalogue(root: Path, model: Path, name="tiny-demo", demo=True) -> 
 def test_catalogue_demo_flag(tmp_path, model):
     cat = weights.Catalogue.load(embedded_catalogue(tmp_path, model))
     assert cat.get("tiny-demo").demo is True and cat.get("not-downloaded-demo").demo is True
-    assert not any(e.demo for e in weights.Catalogue.load())   # none shipped yet
+    shipped = [e.name for e in weights.Catalogue.load() if e.demo]   # the embedded one (test_demo_model.py)
+    assert shipped == ["svdrr-demo-64"]
     bad = json.loads((tmp_path / "models.json").read_text())
     bad["models"]["tiny-demo"]["demo"] = "yes"
     (tmp_path / "bad.json").write_text(json.dumps(bad))

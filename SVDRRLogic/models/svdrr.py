@@ -15,8 +15,9 @@ XL/2 transformer in SDXL-VAE latent space (``/work/shared/reference/svdrr-method
   processor config (kept for the folder layout; the pipeline normalizes in torch exactly as the authors did),
   ``scheduler``: :class:`diffusers.DPMSolverMultistepScheduler` (DPM-Solver++).
 
-Two configurations: ``"paper"`` (the released 256/512/1024 models) and ``"tiny"`` (seconds on a CPU, for tests
-and the demo). Folder I/O (:func:`create_random`, :func:`load_svdrr`) is in :mod:`.svdrr_folder`.
+Three configurations: ``"paper"`` (the released 256/512/1024 models), ``"tiny"`` (seconds on a CPU, for tests)
+and ``"demo"`` (the embedded demonstration model, trained on a CPU in about half an hour). Folder I/O
+(:func:`create_random`, :func:`load_svdrr`) is in :mod:`.svdrr_folder`.
 """
 from __future__ import annotations
 
@@ -108,12 +109,31 @@ TINY: dict[str, Any] = {
     "scheduler": _SCHEDULER,
 }
 
-CONFIGS = {"paper": PAPER, "tiny": TINY}
-DEFAULT_RESOLUTION = {"paper": 512, "tiny": 32}
+#: The embedded demonstration model (``Resources/models/svdrr-demo-64``, trained by ``training/configs/demo.yaml``
+#: on DRRs of generated phantoms): 64 px, VAE downsampling 4 (16 x 16 x 4 latents, trained as an autoencoder of
+#: DRRs, ``training.svdrr.train_vae``), 6 transformer layers of 4 x 32 on the 8 x 8 patch grid, and the tiny random
+#: CLIP (kept frozen and random: the source latent and the pose carry the information). ``scaling_factor`` is a
+#: placeholder; the VAE training sets it to 1 / std of the DRR latents.
+DEMO: dict[str, Any] = {
+    "base_resolution": 64,
+    "transformer": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32, patch_size=2,
+                        cross_attention_dim=128, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                        attention_bias=True, dropout=0.0),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                layers_per_block=1, norm_num_groups=16, act_fn="silu", scaling_factor=1.0,
+                force_upcast=True),
+    "image_encoder": dict(TINY["image_encoder"]),
+    "scheduler": _SCHEDULER,
+}
+
+CONFIGS = {"paper": PAPER, "tiny": TINY, "demo": DEMO}
+DEFAULT_RESOLUTION = {"paper": 512, "tiny": 32, "demo": 64}
 
 
 def resolve_config(config: str | dict) -> dict:
-    """A named configuration ("paper", "tiny") or a dict with the same four parts, as a deep copy."""
+    """A named configuration ("paper", "tiny", "demo") or a dict with the same four parts, as a deep copy."""
     if isinstance(config, str):
         if config not in CONFIGS:
             raise ModelLoadError(f"unknown SV-DRR configuration {config!r}; choose one of {sorted(CONFIGS)}")

@@ -27,9 +27,10 @@ DEFAULTS: dict[str, Any] = {
         "split": "train",
         "max_slice_spacing": None,    # the authors train on thin-slice CTs only (<= 2.5 mm)
         "samples_per_epoch": None,    # default: the number of patients (one random target each, as the authors)
+        "target_sets": ["hemisphere"],  # view sets the random targets come from (the authors: hemisphere only)
         "num_workers": 4,
-        "generate": None,             # tiny runs: {phantoms, shape, spacing, resolution, hemisphere, arc} rendered
-                                      # into root when it has no manifest yet
+        "generate": None,             # phantom runs: {phantoms, seed, shape, spacing, resolution, hemisphere, arc,
+                                      # test_ids | test_fraction} rendered into root when it has no manifest yet
     },
     "train": {
         "batch_size": 64,             # per process (GPU)

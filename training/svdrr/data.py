@@ -1,5 +1,6 @@
 """Training pairs as the authors' ``LidcidriHardFBData`` (svdrr-method.md section 3.3): for each patient the
-condition is always the PA view (``0000``), the target a uniformly random hemisphere view other than the PA one.
+condition is always the PA view (``0000``), the target a uniformly random hemisphere view other than the PA one
+(``target_sets=("hemisphere", "arc")`` adds the arc views, e.g. for a small model evaluated on the arc).
 
 Images go through :func:`SVDRRLogic.pipelines.normalize_source` -- the same min-max, resize and gray-to-RGB the
 pipeline applies at inference -- giving (3, R, R) in [-1, 1]. The pose is :func:`~SVDRRLogic.pipelines.
@@ -38,16 +39,17 @@ def read_png(path: str | Path) -> np.ndarray:
 class PatientViews:
     """One rendered patient: its folder, source view and target views (from ``views.json``)."""
 
-    def __init__(self, root: Path, record: dict):
+    def __init__(self, root: Path, record: dict, target_sets: Sequence[str] = ("hemisphere",)):
         self.id = record["id"]
         self.folder = Path(root) / record["folder"]
         views = read_views(self.folder)
         self.views = views["views"]
         self.source = self.views[views.get("source_index", 0)]
         self.targets = [v for v in self.views
-                        if v["set"] == "hemisphere" and v["index"] != self.source["index"]]
+                        if v["set"] in target_sets and v["file"] != self.source["file"]
+                        and (v["set"] != "arc" or self.view_of(v) != self.view_of(self.source))]
         if not self.targets:
-            raise ValueError(f"{self.folder}: no hemisphere target views besides the source")
+            raise ValueError(f"{self.folder}: no {'/'.join(target_sets)} target views besides the source")
 
     def view_of(self, view: dict) -> tuple[float, float]:
         return float(view["azimuth"]), float(view["elevation"])
@@ -62,10 +64,10 @@ class SVDRRPairs(Dataset):
     ``pose`` (4,) and the ``patient`` id / ``target_index`` for logging."""
 
     def __init__(self, root: str | Path, patients: Sequence[dict], resolution: int, seed: int = 0,
-                 samples_per_epoch: int | None = None):
+                 samples_per_epoch: int | None = None, target_sets: Sequence[str] = ("hemisphere",)):
         if not patients:
             raise ValueError(f"{root}: no training patients selected")
-        self.patients = [PatientViews(Path(root), p) for p in patients]
+        self.patients = [PatientViews(Path(root), p, tuple(target_sets)) for p in patients]
         self.resolution = int(resolution)
         self.seed = int(seed)
         self.length = max(len(self.patients), int(samples_per_epoch or 0))

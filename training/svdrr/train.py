@@ -82,7 +82,8 @@ def ensure_dataset(data_cfg: dict, state) -> None:
                               arc=tuple(float(a) for a in arc) if arc else None, bits=int(gen.get("bits", 8)))
     sources = phantom_sources(int(gen.get("phantoms", 3)), int(gen.get("seed", 0)), gen.get("shape", (40, 64, 64)),
                               gen.get("spacing", (9.0, 9.0, 8.0)))
-    render_dataset(sources, root, settings, state=state, test_fraction=float(gen.get("test_fraction", 0.1)))
+    render_dataset(sources, root, settings, state=state, test_fraction=float(gen.get("test_fraction", 0.1)),
+                   test_ids=gen.get("test_ids"))
     state.wait_for_everyone()
 
 
@@ -135,7 +136,8 @@ class Trainer:
         patients = select_patients(manifest, d["split"], d["max_slice_spacing"])
         per_step = t["batch_size"] * acc.num_processes * t["gradient_accumulation_steps"]
         self.dataset = SVDRRPairs(self.root, patients, self.cfg["model"]["resolution"], seed=t["seed"],
-                                  samples_per_epoch=max(int(d["samples_per_epoch"] or 0), per_step))
+                                  samples_per_epoch=max(int(d["samples_per_epoch"] or 0), per_step),
+                                  target_sets=tuple(d["target_sets"]))
         v = self.cfg["validation"]
         val = select_patients(manifest, v["split"], d["max_slice_spacing"])[:max(0, int(v["num_patients"]))]
         self.val_patients = [PatientViews(self.root, p) for p in val]
