@@ -1,7 +1,7 @@
 """SV-DRR's networks, assembled from stock diffusers/transformers classes so the authors' weights load unchanged.
 
 SV-DRR (Xie et al., MICCAI 2025; github.com/xiechun298/SV-DRR) is Zero-1-to-3 conditioning on a PixArt-Sigma
-XL/2 transformer in SDXL-VAE latent space (``/work/shared/reference/svdrr-method.md`` section 1):
+XL/2 transformer in SDXL-VAE latent space (``../shared/reference/svdrr-method.md`` section 1):
 
 - ``transformer``: :class:`diffusers.PixArtTransformer2DModel` with 8 input channels (noisy latent + source
   latent, concatenated by the caller), 8 output channels (epsilon + IDDPM learned-range variance) and no T5

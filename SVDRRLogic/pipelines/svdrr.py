@@ -1,7 +1,7 @@
 """Novel X-ray views from one X-ray with SV-DRR, in our C-arm convention (DESIGN.md sections 3-5).
 
 The denoising loop reproduces the authors' ``SvdrrDiTPipeline`` and ``train_svdrr_DiT.py``
-(``/work/shared/reference/svdrr-method.md`` sections 1.4-1.6, 2):
+(``../shared/reference/svdrr-method.md`` sections 1.4-1.6, 2):
 
 - the input is min-max normalized to [-1, 1] per image (their PNGs were min-max 8-bit, read back through
   ``Normalize(0.5, 0.5)``) and resized to the model resolution;

@@ -1,4 +1,4 @@
-"""SV-DRR training (``/work/shared/reference/svdrr-method.md`` sections 2-5), one module per step:
+"""SV-DRR training (``../shared/reference/svdrr-method.md`` sections 2-5), one module per step:
 
 - :mod:`.render_dataset` -- DRR datasets in the LIDC-IDRI-DRR style from CTs or phantoms (``views.json`` per
   patient, ``manifest.json`` with the train/test split); sources in :mod:`.ct_sources`, split in :mod:`.manifest`;
