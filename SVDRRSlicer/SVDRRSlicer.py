@@ -438,21 +438,36 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _canRender(self) -> bool:
         return self._parameterNode is not None and self._inputKind() == "ct"
 
+    def _canStartRender(self) -> bool:
+        """The render buttons also work before the packages exist: the click installs them, then checks the input."""
+        return self._parameterNode is not None and self._inputKind() in ("ct", "unknown")
+
+    def _installAndCheckInput(self) -> bool:
+        """Install the packages if needed (after asking), then re-detect the input; say why it cannot be rendered."""
+        if not self.logic.ensureDependencies():
+            return False
+        self._inputInfo = (None, None)
+        self._updateInputInfo()
+        self._updateDeviceLabel()
+        if self._inputKind() != "ct":
+            raise ValueError(self.ui.inputKindLabel.text)
+        return True
+
     def _jobRunning(self) -> bool:
         return self._job is not None and not self._job.done
 
     def _updateButtons(self) -> None:
-        canRender = self._canRender()
+        canStart = self._canStartRender()
         running = self._jobRunning()
         runningKind = self._jobInfo["kind"] if running and self._jobInfo else None
-        self.ui.renderButton.enabled = canRender
-        self.ui.renderOrbitButton.enabled = canRender and not running
+        self.ui.renderButton.enabled = canStart
+        self.ui.renderOrbitButton.enabled = canStart and not running
         self.ui.cancelOrbitButton.enabled = runningKind == "orbit"
         self.ui.synthesizeButton.enabled = self._canSynthesize() and not running
         self.ui.cancelSynthesisButton.enabled = runningKind == "synthesis"
         output = self._parameterNode.drrVolume
         self.ui.exportButton.enabled = bool(output and output.GetImageData())
-        tip = "" if canRender else _("Select a CT volume first.")
+        tip = "" if canStart else _("Select a CT volume first.")
         self.ui.renderButton.toolTip = tip or _("Render the DRR of the current view at full resolution.")
 
     def _updateDeviceLabel(self) -> None:
@@ -499,9 +514,8 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRenderButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to render the DRR."), waitCursor=True):
-            if not self.logic.ensureDependencies():
+            if not self._installAndCheckInput():
                 return
-            self._updateDeviceLabel()
             self._render(preview=False, raiseErrors=True)
 
     def _render(self, preview, angles=None, raiseErrors=False) -> None:
@@ -597,7 +611,7 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRenderOrbit(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the orbit."), waitCursor=True):
-            if self._jobRunning() or not self._canRender() or not self.logic.ensureDependencies():
+            if self._jobRunning() or not self._installAndCheckInput():
                 return
             p = self._parameterNode
             session = self.logic.session(p.inputVolume, p.device, p.huModel)
