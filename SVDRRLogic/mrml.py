@@ -119,15 +119,26 @@ def classify_volume_node(node) -> tuple[str, str]:
     return "ct", reason
 
 
+_KIND_ERRORS = {"ct": ("xray", "is a 2D image, not a CT", "a CT"),
+                "xray": ("ct", "is a 3D volume, not a 2D X-ray", "an X-ray")}
+
+
+def _require_kind(node, wanted: str) -> str:
+    """The node's name, after checking :func:`classify_volume_node` says it is ``wanted``; ImageError otherwise."""
+    kind, reason = classify_volume_node(node)
+    name = node.GetName() if node is not None else "<none>"
+    other, mismatch, what = _KIND_ERRORS[wanted]
+    if kind == other:
+        raise ImageError(f"'{name}' {mismatch} ({reason})")
+    if kind != wanted:
+        raise ImageError(f"'{name}' cannot be used as {what}: {reason}")
+    return name
+
+
 def ct_from_volume_node(node) -> CTVolume:
     """The CT in ``node`` (voxels copied, float32 ``[k, j, i]``), its linear parent transforms hardened into
     ``ijk_to_ras``; the node is not modified. 2D images, non-linear transforms and non-images raise ImageError."""
-    kind, reason = classify_volume_node(node)
-    name = node.GetName() if node is not None else "<none>"
-    if kind == "xray":
-        raise ImageError(f"'{name}' is a 2D image, not a CT ({reason})")
-    if kind != "ct":
-        raise ImageError(f"'{name}' cannot be used as a CT: {reason}")
+    name = _require_kind(node, "ct")
     ijk_to_ras = world_ijk_to_ras(node)
     array = array_from_image(node.GetImageData()).astype(np.float32, copy=False)
     metadata = get_json_attribute(node, ATTR_METADATA)
@@ -141,12 +152,7 @@ def ct_from_volume_node(node) -> CTVolume:
 def xray_from_volume_node(node) -> XRayImage:
     """The 2D image in a single-slice ``node`` as an XRayImage: ``array[row, col]``, pixel spacing, the node's
     IJK-to-RAS (linear parent transforms hardened) and metadata from the ``SVDRR.*`` attributes."""
-    kind, reason = classify_volume_node(node)
-    name = node.GetName() if node is not None else "<none>"
-    if kind == "ct":
-        raise ImageError(f"'{name}' is a 3D volume, not a 2D X-ray ({reason})")
-    if kind != "xray":
-        raise ImageError(f"'{name}' cannot be used as an X-ray: {reason}")
+    name = _require_kind(node, "xray")
     ijk = world_ijk_to_ras(node)
     voxels = array_from_image(node.GetImageData())
     colour = voxels.ndim == 4

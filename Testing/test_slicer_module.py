@@ -105,20 +105,11 @@ def dotted(node) -> str | None:
 def top_level_imports(tree: ast.Module) -> list[str]:
     """Modules imported when the file is imported: module-level statements (also inside top-level if/try)."""
     found = []
-
-    def visit(statements):
-        for node in statements:
-            if isinstance(node, ast.Import):
-                found.extend(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                found.append(node.module)
-            elif isinstance(node, (ast.If, ast.Try)):
-                visit(node.body)
-                visit(node.orelse)
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-                visit(getattr(node, "finalbody", []))
-    visit(tree.body)
+    for node in _module_level_import_nodes(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif node.level == 0:
+            found.append(node.module)
     return found
 
 
@@ -383,6 +374,7 @@ def engine_graph() -> dict[str, set[str]]:
 
 
 def _module_level_import_nodes(tree):
+    """Import statements run when the file is imported (module level, also inside top-level if/try)."""
     out = []
 
     def visit(statements):
