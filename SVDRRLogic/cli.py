@@ -18,7 +18,7 @@ from .geometry import CArmGeometry, GeometryError, parse_view_set, preset_names
 
 FORMATS = ("nrrd", "nii.gz", "png", "dcm")
 _NUMBER_LIST = re.compile(r"^-\d*\.?\d+(e-?\d+)?(,-?\d*\.?\d+(e-?\d+)?)*$")
-_LIST_OPTIONS = {"--view", "--isocenter", "--detector", "--pixel", "--source-view"}
+_LIST_OPTIONS = {"--view", "--isocenter", "--detector", "--pixel", "--source-view", "--center"}
 
 
 class UsageError(Exception):
@@ -128,6 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C-arm angles of the input X-ray (default: those stored in an SVDRR file, else PA 0,0, "
                         "the only source view the released models were trained with)")
 
+    c = sub.add_parser("reconstruct", help="a CT from one or two X-rays (DVG-Diffusion or 3D patch EDM; synthetic)",
+                       description="Reconstruct a CT volume from one or two X-rays with a generative model. Each "
+                                   "X-ray is FILE@AZ,EL (C-arm azimuth and elevation in degrees, e.g. frontal "
+                                   "@0,0 and lateral @90,0), or FILE alone when it is an SVDRR DRR that stores its "
+                                   "view. The CT is a plausible guess, marked synthetic: not for diagnosis.")
+    c.add_argument("xrays", nargs="+", metavar="XRAY[@AZ,EL]", help="one or two X-rays")
+    c.add_argument("-o", "--output", required=True, type=Path, metavar="CT.nii.gz",
+                   help="output CT (.nii.gz, .nii, .nrrd or .mha)")
+    c.add_argument("--method", choices=["dvg", "patch-edm"],
+                   help="reconstruction method (default: the model's; DVG-Diffusion when no model is named)")
+    c.add_argument("--model", metavar="NAME_OR_DIR",
+                   help="catalogue name or model folder (default: the method's embedded demo model)")
+    c.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same CT (default 0)")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="precision of the U-Nets (auto: fp16 on CUDA, fp32 on the CPU)")
+    c.add_argument("--keep-intermediates", type=Path, metavar="DIR",
+                   help="also write the model's inputs and intermediate products there")
+    c.add_argument("--center", type=lambda t: _floats(t, (3,), "--center R,A,S"), metavar="R,A,S",
+                   help="centre of the reconstructed 320 mm cube in RAS mm (default: the X-ray's isocenter)")
+    c.add_argument("--new-view", choices=["coarse", "svdrr", "none"], default="coarse",
+                   help="DVG only: the extra view from DVG's coarse path (default), from an SV-DRR model "
+                        "(experiment), or none (ablation)")
+    c.add_argument("--svdrr-model", metavar="NAME_OR_DIR", help="SV-DRR model for --new-view svdrr")
+
     d = sub.add_parser("demo", help="render an orbit of the phantom and write a contact sheet")
     d.add_argument("-o", "--output-dir", required=True, type=Path)
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -202,6 +228,20 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from .reconstruct import reconstruct_ct
+
+    if len(args.xrays) > 2:
+        raise UsageError(f"reconstruction takes one or two X-rays, got {len(args.xrays)}")
+    manifest = reconstruct_ct(args.xrays, args.output, model=args.model, method=args.method, steps=args.steps,
+                              seed=args.seed, device=args.device, dtype=args.dtype, keep=args.keep_intermediates,
+                              center_ras=args.center, new_view=args.new_view, svdrr_model=args.svdrr_model)
+    demo = " with a small demonstration model" if manifest["demo_model"] else ""
+    print(f"wrote {args.output}: {manifest['method']} reconstruction{demo} in {manifest['seconds']:.1f} s "
+          "(synthetic CT, not for diagnosis)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -267,8 +307,8 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    commands = {"render": cmd_render, "synthesize": cmd_synthesize, "bench": cmd_bench, "demo": cmd_demo,
-                "models": cmd_models}
+    commands = {"render": cmd_render, "synthesize": cmd_synthesize, "reconstruct": cmd_reconstruct,
+                "bench": cmd_bench, "demo": cmd_demo, "models": cmd_models}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -278,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SVDRR_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        known = isinstance(exc, (UsageError, GeometryError, ValueError, RuntimeError, OSError))
+        known = isinstance(exc, (UsageError, GeometryError, ValueError, RuntimeError, OSError, MemoryError))
         print(f"svdrr: error: {msg}", file=sys.stderr)
         return 2 if known else 1
 

@@ -29,7 +29,7 @@ from . import weights
 from .geometry import CArmGeometry, GeometryError
 from .images import ImageError, XRayImage
 from .io import IMAGE_FORMATS, load_xray, write_image
-from .io.common import atomic_output, geometry_from_metadata
+from .io.common import atomic_output, first_line, geometry_from_metadata
 from .weights import WeightsError
 
 MANIFEST_NAME = "synthesis.json"
@@ -37,6 +37,8 @@ DEFAULT_PRESET = "svdrr-lidc"
 KIND = "Synthesized X-ray"
 NOTE = ("synthesized by a diffusion model from one X-ray: plausible images, not measurements of the patient; "
         "not for diagnosis")
+KIND_LABELS = {"svdrr": "an SV-DRR novel-view model", "dvg": "a DVG-Diffusion reconstruction model",
+               "patch-edm": "a 3D patch EDM reconstruction model"}
 #: Shares of the progress fraction: resolving and loading the model, then the denoising steps, then the files.
 _LOAD_SHARE, _WRITE_SHARE = 0.05, 0.02
 
@@ -50,6 +52,7 @@ class ModelChoice:
     name: str
     folder: Path
     entry: weights.ModelEntry | None = None
+    folder_kind: str = "svdrr"
 
     @property
     def preset(self) -> str:
@@ -62,17 +65,18 @@ class ModelChoice:
     def describe(self) -> dict:
         e = self.entry
         return {"name": self.name, "folder": str(self.folder), "catalogue": e is not None,
-                "source": e.source.describe() if e else f"folder {self.folder}", "kind": e.kind if e else "svdrr",
+                "source": e.source.describe() if e else f"folder {self.folder}", "kind": e.kind if e else self.folder_kind,
                 "preset": self.preset, "licence": e.licence if e else None, "demo": self.demo}
 
 
 def resolve_model(model: str | os.PathLike, *, catalogue=None, offline: bool | None = None,
-                  progress: weights.Progress = True) -> ModelChoice:
-    """An existing folder as is; else a catalogue name (or Hugging Face repo id) of an SV-DRR model, resolved to a
-    local folder by :func:`SVDRRLogic.weights.resolve` (cache, else download unless offline). WeightsError else."""
+                  progress: weights.Progress = True, kinds: Sequence[str] = ("svdrr",)) -> ModelChoice:
+    """An existing folder as is; else a catalogue name (or Hugging Face repo id) of a model of one of ``kinds``,
+    resolved to a local folder by :func:`SVDRRLogic.weights.resolve` (cache, else download unless offline).
+    WeightsError else."""
     given = Path(model).expanduser()
     if given.is_dir():
-        return ModelChoice(given.resolve().name, given)
+        return ModelChoice(given.resolve().name, given, folder_kind=_folder_kind(given))
     text = str(model).strip()
     if not text:
         raise WeightsError("no model given: name a model of the catalogue (`svdrr models list`) or a model folder")
@@ -81,8 +85,9 @@ def resolve_model(model: str | os.PathLike, *, catalogue=None, offline: bool | N
     if not known and (os.sep in text or "/" in text or text.startswith((".", "~"))):
         raise WeightsError(f"no model folder at {text} (and it is not a model of the catalogue)")
     entry = cat.get(text)
-    if entry.kind != "svdrr":
-        raise WeightsError(f"model '{entry.name}' is a {entry.kind} model, not an SV-DRR novel-view model")
+    if entry.kind not in kinds:
+        wanted = " or ".join(KIND_LABELS.get(k, k) for k in kinds)
+        raise WeightsError(f"model '{entry.name}' is a {entry.kind} model, not {wanted}")
     folder = weights.resolve(entry.name, offline=offline, progress=progress, catalogue=cat)
     return ModelChoice(entry.name, folder, entry)
 
@@ -153,7 +158,7 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     from .renderer import describe_device, resolve_device
 
     normalize_source(image, 8)  # a constant or non-2D image fails here, before the weights are read
-    report = _Reporter(progress)
+    report = Reporter(progress)
     report(0.0, f"resolving the model {model}")
     choice = resolve_model(model, catalogue=catalogue, offline=offline,
                            progress=report.download if progress is not None else True)
@@ -164,7 +169,7 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     except ModelLoadError as exc:
         raise WeightsError(str(exc)) from exc
     except OSError as exc:  # an unreadable file
-        raise WeightsError(f"{choice.folder}: cannot read the model: {_first_line(exc)}") from exc
+        raise WeightsError(f"{choice.folder}: cannot read the model: {first_line(exc)}") from exc
     if progress is not None:
         pipe.set_progress_bar_config(disable=True)
 
@@ -219,7 +224,7 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     return written
 
 
-class _Reporter:
+class Reporter:
     """Calls the user's ``progress(fraction, message)``; turns download byte counts into throttled messages."""
 
     def __init__(self, progress: Progress | None):
@@ -247,6 +252,9 @@ def _pair(value: Sequence[float], what: str) -> tuple[float, float]:
     return a, e
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+def _folder_kind(folder: Path) -> str:
+    """A reconstruction model folder names its kind in config.json; SV-DRR folders have model_index.json."""
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("kind", "svdrr"))
+    except (OSError, ValueError, AttributeError):
+        return "svdrr"

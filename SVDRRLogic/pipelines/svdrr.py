@@ -239,7 +239,7 @@ class SVDRRPipeline(DiffusionPipeline):
         if tuple(map(float, source_view)) != PA_VIEW:
             warnings.warn("SV-DRR was trained only with a PA (0, 0) source view; other sources are extrapolation",
                           stacklevel=2)
-        seed = _seed_of(generator)
+        seed = seed_of(generator)
         device = self._execution_device
         guided = guidance_scale > 1.0
         channels = self.vae.config.latent_channels
@@ -307,7 +307,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return resolved
 
 
-def _seed_of(generator: torch.Generator | int | None) -> int:
+def seed_of(generator: torch.Generator | int | None) -> int:
+    """The int seed of ``generator`` (its initial seed for a ``torch.Generator``; a fresh one for None)."""
     if generator is None:
         return int(torch.randint(0, 2 ** 62, (1,)).item())
     if isinstance(generator, torch.Generator):

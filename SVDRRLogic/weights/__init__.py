@@ -38,7 +38,8 @@ from .download import Progress, _download, logger
 
 #: kind -> "module:function" that writes a randomly initialised model of that kind, imported only when used (so
 #: listing models works without diffusers). Called as ``function(out_dir, config=..., resolution=...)``.
-RANDOM_FACTORIES = {"svdrr": "SVDRRLogic.models:create_random"}
+RANDOM_FACTORIES = {"svdrr": "SVDRRLogic.models:create_random", "dvg": "SVDRRLogic.models.dvg:create_random",
+                    "patch-edm": "SVDRRLogic.models.patch_edm:create_random"}
 
 
 def is_offline(offline: bool | None = None) -> bool:
@@ -96,7 +97,7 @@ def create_random(name: str, out_dir: str | os.PathLike, config: str = "tiny", *
     except (ImportError, AttributeError) as exc:
         raise WeightsError(f"creating a random '{entry.kind}' model needs {target}: {exc}") from None
     kwargs = {"config": config}
-    if entry.resolution is not None:
+    if entry.resolution is not None and entry.kind == "svdrr":  # a 2D model's size is free; a 3D one's is its config
         kwargs["resolution"] = entry.resolution
     factory(Path(out_dir), **kwargs)
     return Path(out_dir)
