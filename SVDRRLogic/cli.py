@@ -169,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--quiet", action="store_true", help="no progress bars")
     mv = msub.add_parser("verify", help="re-hash the cached files of a model against the catalogue")
     mv.add_argument("name", help="catalogue name")
+    mc = msub.add_parser("convert-dvg", help="turn the DVG-Diffusion authors' checkpoints into a model folder",
+                         description="Convert the released DVG-Diffusion checkpoints (xing0916/DVG-Diffusion) into a "
+                                     "DVG model folder of safetensors. Checkpoints are read with torch.load("
+                                     "weights_only=True): tensors only, no code is ever run from them. Every "
+                                     "network comes from the diffusion milestone unless its own file is given.")
+    mc.add_argument("diffusion", help="the diffusion milestone, e.g. DVG_Diffusion.pt")
+    mc.add_argument("--ct-vqgan", metavar="CKPT", help="the CT VQ-GAN checkpoint (default: from the milestone)")
+    mc.add_argument("--vpge", metavar="CKPT", help="VPGE_0_90_VQGAN.ckpt (default: from the milestone)")
+    mc.add_argument("--vpge-new", metavar="CKPT", help="VPGE_45_VQGAN.ckpt (default: from the milestone)")
+    mc.add_argument("--coarse", metavar="PT", help="NewView_Coarse_Model.pt (default: from the milestone)")
+    mc.add_argument("--config", choices=["paper", "demo", "tiny"], default="paper",
+                    help="the networks' configuration (default: the paper's)")
+    mc.add_argument("-o", "--output-dir", required=True, type=Path)
     mr = msub.add_parser("create-random", help="write a randomly initialised model in the layout of NAME")
     mr.add_argument("name", help="catalogue name whose kind and resolution to use")
     mr.add_argument("--config", choices=["tiny", "paper"], default="tiny",
@@ -295,6 +308,12 @@ def cmd_models(args) -> int:
                                        f"or bad in {report.folder}: {', '.join(bad)} "
                                        f"(`svdrr models download {report.name}` fetches them again)")
         print(f"{report.name}: all {len(report.checks)} files verified in {report.folder}")
+        return 0
+    if args.models_command == "convert-dvg":
+        from .models.dvg_convert import convert_dvg_release
+        out = convert_dvg_release(args.output_dir, args.diffusion, ct_vqgan=args.ct_vqgan, vpge=args.vpge,
+                                  vpge_new=args.vpge_new, coarse=args.coarse, config=args.config)
+        print(f"wrote the DVG model folder {out} (use it with: svdrr reconstruct ... --model {out})")
         return 0
     out = weights.create_random(args.name, args.output_dir, config=args.config, catalogue=catalogue)
     lacking = weights.layout_differences(catalogue.get(args.name), out)

@@ -4,11 +4,14 @@
 2. Novel views: only when the catalogue has an SV-DRR model marked ``"demo": true`` that resolves without the network
    (an embedded model, or one already in the cache), the PA DRR of step 1 goes through it and the synthesized views
    get their own contact sheet; otherwise the demo says so in one line and goes on.
-
-The reconstruction issue adds its step here.
+3. CT reconstruction: for each reconstruction method with such a demonstration model (DVG-Diffusion, 3D patch
+   EDM), the phantom is reconstructed from its own frontal and lateral DRRs (and from the frontal one alone when
+   the model takes one X-ray), through the same files and code as ``svdrr reconstruct``; PSNR and SSIM against the
+   phantom are printed next to the plain back-projection baseline, and a sheet shows the middle slices.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,16 +22,22 @@ from PIL import Image, ImageDraw
 from . import weights
 from .export import render_views
 from .geometry import CArmGeometry, arc
-from .images import XRayImage
-from .io import load_xray
+from .images import CTVolume, XRayImage
+from .io import load_ct, load_xray, write_image
 from .io.common import atomic_output
 from .phantoms import chest_phantom
+from .recon_grid import ReconGrid, backprojection_baseline, hu_to_unit
 
 log = logging.getLogger(__name__)
 
 BANNER = "SYNTHETIC DRRs of a generated phantom - not for diagnosis"
 NOVEL_BANNER = "SYNTHESIZED views (SV-DRR demonstration model) of a phantom DRR - not for diagnosis"
 NO_DEMO_MODEL = "no demonstration model installed: skipping novel views"
+NO_RECON_MODEL = "no demonstration reconstruction model installed: skipping CT reconstruction"
+RECON_BANNER = "RECONSTRUCTED CTs (demonstration models) of a phantom from its DRRs - not for diagnosis"
+RECON_METHODS = {"dvg": "DVG-Diffusion", "patch-edm": "3D patch EDM"}
+#: Frontal (PA) and lateral: the views both reconstruction methods were trained with.
+RECON_VIEWS = ((0.0, 0.0), (90.0, 0.0))
 #: The novel views of the demo: five azimuths around the PA source, at the model's own resolution.
 NOVEL_VIEWS = arc(-90, 90, 45)
 
@@ -49,13 +58,13 @@ def contact_sheet(tiles: list[np.ndarray], labels: list[str], columns: int = 5, 
     return sheet
 
 
-def demo_model(catalogue=None) -> str | None:
-    """The first SV-DRR model of the catalogue marked ``"demo": true`` that resolves offline (embedded in the
+def demo_model(catalogue=None, kind: str = "svdrr") -> str | None:
+    """The first model of ``kind`` in the catalogue marked ``"demo": true`` that resolves offline (embedded in the
     extension, or already in the cache), or None. ``catalogue``: a Catalogue or a catalogue file (default
     ``Resources/models.json``)."""
     cat = catalogue if isinstance(catalogue, weights.Catalogue) else weights.Catalogue.load(catalogue)
     for entry in cat:
-        if not (entry.demo and entry.kind == "svdrr"):
+        if not (entry.demo and entry.kind == kind):
             continue
         try:
             weights.resolve(entry.name, offline=True, progress=False, catalogue=cat)
@@ -89,6 +98,74 @@ def novel_view_step(out_dir: Path, source: XRayImage, device: str = "auto", cata
         contact_sheet(tiles, labels, columns=len(tiles), title=NOVEL_BANNER).save(tmp, format="PNG")
     say(f"novel views ({name}, a small demonstration model: synthetic images, not for diagnosis): {sheet_path}")
     return sheet_path
+
+
+def reconstruction_step(out_dir: Path, ct: CTVolume, device: str = "auto", catalogue=None,
+                        say: Callable[[str], None] = print) -> dict | None:
+    """Reconstruct ``ct`` from its own DRRs with every demonstration reconstruction model (module docstring, step 3)
+    into ``out_dir/reconstruction``; returns the metrics (also in ``metrics.json`` there), or None without a model."""
+    models = {kind: demo_model(catalogue, kind) for kind in RECON_METHODS}
+    models = {kind: name for kind, name in models.items() if name is not None}
+    if not models:
+        say(NO_RECON_MODEL)
+        return None
+    import torch
+
+    from .models.recon_folder import read_config
+    from .reconstruct import reconstruct_ct
+    from .volume_metrics import psnr_3d, ssim_slices
+
+    folder = Path(out_dir) / "reconstruction"
+    folder.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    rows: list[tuple[str, np.ndarray]] = []
+    for kind, name in models.items():
+        cfg = read_config(weights.resolve(name, offline=True, progress=False, catalogue=catalogue))
+        grid = ReconGrid(int(cfg["grid"]), tuple(ct.center_ras))
+        truth = grid.sample_ct(ct)
+        geoms = [grid.geometry(*view) for view in RECON_VIEWS]
+        images = grid.project(torch.from_numpy(truth), geoms)
+        files = [write_image(folder / f"{label}_{grid.size}.nrrd", XRayImage(im.numpy()), g, format="nrrd")
+                 for label, im, g in zip(("frontal", "lateral"), images, geoms)]
+        if not rows or rows[0][1].shape != truth.shape:
+            rows.append((f"phantom {grid.size}^3", truth))
+            baseline = backprojection_baseline(grid, images, geoms)
+            results[f"back-projection {grid.size}^3"] = _scores(baseline, truth, psnr_3d, ssim_slices)
+            rows.append(("back-projection", baseline))
+        counts = [n for n in (2, 1) if n in cfg.get("input_views", [2])]
+        for n in counts:
+            label = f"{RECON_METHODS[kind]} {'biplanar' if n == 2 else 'single view'}"
+            out = folder / f"{kind}_{'biplanar' if n == 2 else 'single'}.nii.gz"
+            reconstruct_ct([str(f) for f in files[:n]], out, model=name, seed=0, device=device,
+                           catalogue=catalogue, offline=True)
+            unit = hu_to_unit(load_ct(out).array_hu)
+            results[label] = {"model": name, **_scores(unit, truth, psnr_3d, ssim_slices)}
+            rows.append((label, unit))
+    with atomic_output(folder / "metrics.json", ".json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    sheet_path = Path(out_dir) / "reconstruction_sheet.png"
+    tiles, labels = [], []
+    for label, volume in rows:
+        for plane, tile in zip(("axial", "coronal", "sagittal"), _middle_slices(volume)):
+            tiles.append(tile)
+            labels.append(f"{label}, {plane}" if plane == "axial" else plane)
+    with atomic_output(sheet_path, ".png") as tmp:
+        contact_sheet(tiles, labels, columns=3, title=RECON_BANNER).save(tmp, format="PNG")
+    for label, r in results.items():
+        say(f"{label}: PSNR {r['psnr_3d']:.2f} dB, SSIM {r['ssim_slices']:.3f}")
+    say(f"reconstructions (small demonstration models: synthetic CTs, not for diagnosis): {sheet_path}")
+    return results
+
+
+def _scores(unit: np.ndarray, truth: np.ndarray, psnr, ssim) -> dict:
+    return {"psnr_3d": round(psnr(unit, truth), 3), "ssim_slices": round(ssim(unit, truth), 4)}
+
+
+def _middle_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """Axial (superior up is k), coronal and sagittal middle slices of a [k, j, i] grid volume, upright, on the
+    CT's [0, 1] window."""
+    k, j, i = (n // 2 for n in volume.shape)
+    return [volume[k], volume[::-1, j, :], volume[::-1, :, i]]
 
 
 def _tile(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -126,4 +203,5 @@ def run_demo(out_dir: Path, device: str = "auto", catalogue=None, say: Callable[
     with atomic_output(sheet_path, ".png") as tmp:
         contact_sheet([t for t, _ in ordered], [lab for _, lab in ordered]).save(tmp, format="PNG")
     novel_view_step(out_dir, pa["drr"], device=device, catalogue=catalogue, say=say)
+    reconstruction_step(out_dir, ct, device=device, catalogue=catalogue, say=say)
     return sheet_path

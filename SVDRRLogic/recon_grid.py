@@ -186,3 +186,14 @@ def check_views(views: Sequence[Sequence[float]], count: int) -> list[tuple[floa
     if len(out) != count:
         raise ImageError(f"{count} X-ray(s) need {count} view(s), got {len(out)}")
     return out
+
+
+def backprojection_baseline(grid: ReconGrid, images, views: Sequence[CArmGeometry]) -> np.ndarray:
+    """The plain reconstruction every method is compared with: the mean of the views' spread back-projections of
+    the min-max normalized X-rays, min-max scaled to [0, 1] (unit values; no learning, no filtering)."""
+    import torch
+    imgs = torch.stack([torch.as_tensor(fit_xray(im.cpu().numpy() if isinstance(im, torch.Tensor) else im, g))
+                        for im, g in zip(images, views)])
+    mean = grid.back_project(imgs, views, spread=True).mean(0).numpy()
+    lo, hi = float(mean.min()), float(mean.max())
+    return ((mean - lo) / max(hi - lo, 1e-12)).astype(np.float32)

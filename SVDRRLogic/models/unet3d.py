@@ -21,6 +21,7 @@ them, and then the original registers no extra tensors (no ``null_cond_emb``).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -29,8 +30,8 @@ from torch import nn
 
 #: The two DVG-Diffusion networks (``train/train_ddpm.py`` with ``config/model/ddpm.yaml``).
 PAPER_CONFIGS = {
-    "g_z": dict(dim=64, dim_mults=(1, 2, 4, 8), channels=8, out_dim=8),
-    "denoiser": dict(dim=128, dim_mults=(1, 2, 4, 8), channels=24, out_dim=8),
+    "g_z": {"dim": 64, "dim_mults": (1, 2, 4, 8), "channels": 8, "out_dim": 8},
+    "denoiser": {"dim": 128, "dim_mults": (1, 2, 4, 8), "channels": 24, "out_dim": 8},
 }
 
 #: Head width of the per-slice spatial attentions. The original passes only ``heads`` to them, so they keep
@@ -54,7 +55,8 @@ class SinusoidalPosEmb(nn.Module):
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
-        rates = torch.exp(torch.arange(half, device=time.device, dtype=time.dtype) * (-math.log(10000.0) / (half - 1)))
+        steps = torch.arange(half, device=time.device, dtype=time.dtype)
+        rates = torch.exp(steps * (-math.log(10000.0) / (half - 1)))
         angles = time[:, None] * rates[None, :]
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
@@ -281,9 +283,9 @@ class Unet3D(nn.Module):
         if init_kernel_size % 2 != 1:
             raise ValueError(f"init_kernel_size must be odd, got {init_kernel_size}")
         out_dim = channels if out_dim is None else out_dim
-        self.config = dict(dim=dim, dim_mults=list(dim_mults), channels=channels, out_dim=out_dim,
-                           init_kernel_size=init_kernel_size, attn_heads=attn_heads, attn_dim_head=attn_dim_head,
-                           resnet_groups=resnet_groups)
+        self.config = {"dim": dim, "dim_mults": list(dim_mults), "channels": channels, "out_dim": out_dim,
+                       "init_kernel_size": init_kernel_size, "attn_heads": attn_heads,
+                       "attn_dim_head": attn_dim_head, "resnet_groups": resnet_groups}
         self.channels = channels
         self.num_levels = len(dim_mults)
 
@@ -308,17 +310,16 @@ class Unet3D(nn.Module):
                                       nn.Linear(time_dim, time_dim))
 
         widths = [dim, *(dim * m for m in dim_mults)]
-        pairs = list(zip(widths[:-1], widths[1:]))
+        pairs = list(itertools.pairwise(widths))
         self.downs = nn.ModuleList(
             nn.ModuleList([block(w_in, w_out), block(w_out, w_out), slice_linear_attn(w_out), depth_attn(w_out),
                            _downsample(w_out) if level < self.num_levels - 1 else nn.Identity()])
             for level, (w_in, w_out) in enumerate(pairs))
-
+        # Registered before the middle, as in the original, so that state-dict keys come in the same order.
         self.ups = nn.ModuleList(
             nn.ModuleList([block(2 * w_out, w_in), block(w_in, w_in), slice_linear_attn(w_in), depth_attn(w_in),
                            _upsample(w_in) if level < self.num_levels - 1 else nn.Identity()])
             for level, (w_in, w_out) in enumerate(reversed(pairs)))
-
 
         mid = widths[-1]
         self.mid_block1 = block(mid, mid)
