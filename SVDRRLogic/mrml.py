@@ -56,6 +56,7 @@ __all__ = [
     "add_orbit_sequence",
     "add_volume_rendering",
     "classify_volume_node",
+    "compare_in_slice_views",
     "cone_points",
     "ct_from_volume_node",
     "detector_corners",
@@ -67,6 +68,7 @@ __all__ = [
     "save_scene_bundle",
     "select_orbit_view",
     "show_drr",
+    "volume_center_ras",
     "xray_from_volume_node",
 ]
 
@@ -323,6 +325,32 @@ def add_volume_rendering(scene, node, logic=None):
     node.AddAndObserveDisplayNodeID(display.GetID())
     display.SetVisibility(True)
     return display
+
+
+def volume_center_ras(node) -> tuple[float, float, float]:
+    """Centre of a volume node's box in world RAS (linear parent transforms applied), without copying voxels."""
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    return tuple(0.5 * (bounds[2 * axis] + bounds[2 * axis + 1]) for axis in range(3))
+
+
+def compare_in_slice_views(scene, node, reference=None, opacity: float = 0.5) -> int:
+    """Show ``node`` in every slice view of the scene: over ``reference`` (as foreground at ``opacity``, the
+    reference as background) so two volumes that share RAS are compared where they overlap, or alone as the
+    background when there is no reference. Only the views' composite nodes change, never the volumes. Returns the
+    number of slice views set (0 without a view layout, e.g. a batch scene)."""
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(count):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        was = composite.StartModify()
+        if reference is None:
+            composite.SetBackgroundVolumeID(node.GetID())
+        else:
+            composite.SetBackgroundVolumeID(reference.GetID())
+            composite.SetForegroundVolumeID(node.GetID())
+            composite.SetForegroundOpacity(float(opacity))
+        composite.EndModify(was)
+    return count
 
 
 def _ct_transfer_functions(prop_node, units: str) -> None:

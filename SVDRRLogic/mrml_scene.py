@@ -37,6 +37,8 @@ ATTR_METADATA = "SVDRR.Metadata"      # JSON of CTVolume.metadata
 ATTR_SOURCE = "SVDRR.Source"          # where the image came from (file, model, renderer)
 ATTR_VIEW = "SVDRR.ViewIndex"         # position of an orbit item in the list the caller gave
 SYNTHETIC_SUFFIX = " (synthetic)"
+#: Node reference role from a reconstructed CT to the CT it is shown beside (the CT its X-rays were rendered from).
+REFERENCE_CT_ROLE = "SVDRR.ReferenceCT"
 
 #: Classes a Slicer application registers through its module logics; a bare scene needs them to create the
 #: nodes and, above all, to read them back from a .mrml/.mrb file.

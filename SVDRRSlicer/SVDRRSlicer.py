@@ -7,9 +7,10 @@ The widget only wires widgets, timers and dialogs; the work is done by the Qt-fr
 Import rules (checked by Testing/test_slicer_module.py): at the top of this file only Slicer, Qt, VTK and the
 standard library are imported. ``SVDRRLogic`` needs torch, which may not be installed when Slicer loads the module
 (it is installed on first use, after asking), so every engine import happens inside the method that needs it.
-Long jobs (orbits, and later diffusion models) run in a separate process (``Scripts/SVDRRWorker.py`` under
+Long jobs (orbits, novel views, CT reconstructions) run in a separate process (``Scripts/SVDRRWorker.py`` under
 ``PythonSlicer``) polled by a timer, so Slicer stays responsive and Cancel ends the whole process tree.
 """
+import collections
 import json
 import logging
 import os
@@ -87,21 +88,34 @@ PRESET_NAMES = list(PRESETS) or ["svdrr-lidc"]
 DEFAULT_PRESET = "svdrr-lidc" if "svdrr-lidc" in PRESET_NAMES else PRESET_NAMES[0]
 
 
-def novelViewModels():
-    """Names of the SV-DRR models of ``Resources/models.json`` (plain JSON: readable before torch exists), a
-    demonstration model (``"demo": true``) first, since it is the one that can ship with the extension."""
+def catalogueModels(kinds):
+    """Names of the models of ``Resources/models.json`` whose kind is in ``kinds`` (plain JSON: readable before
+    torch exists), demonstration models (``"demo": true``) first, since they can ship with the extension."""
     try:
         with open(resourcePath("models.json"), encoding="utf-8") as f:
             models = json.load(f).get("models", {})
     except (OSError, ValueError, AttributeError) as exc:
         logging.error(f"SVDRR: cannot read the model catalogue: {exc}")
         return []
-    names = [name for name, entry in models.items() if isinstance(entry, dict) and entry.get("kind") == "svdrr"]
+    names = [name for name, entry in models.items() if isinstance(entry, dict) and entry.get("kind") in kinds]
     return sorted(names, key=lambda name: not models[name].get("demo", False))
 
 
-SVDRR_MODEL_NAMES = novelViewModels() or ["svdrr-dit-fb-256"]
+SVDRR_MODEL_NAMES = catalogueModels(("svdrr",)) or ["svdrr-dit-fb-256"]
 DEFAULT_SVDRR_MODEL = SVDRR_MODEL_NAMES[0]
+# The reconstruction methods as the panel names them, each with the model proposed when it is chosen: its
+# demonstration model (SVDRRLogic.reconstruct.DEFAULT_MODELS; Testing/test_slicer_module.py checks they agree).
+# Those are listed even before the catalogue has them: the model status line then says what is missing.
+RECONSTRUCTION_DEFAULT_MODELS = {"DVG-Diffusion": "dvg-demo-64", "3D patch EDM": "patch-edm-demo-64"}
+RECONSTRUCTION_METHODS = list(RECONSTRUCTION_DEFAULT_MODELS)
+RECONSTRUCTION_MODEL_NAMES = list(dict.fromkeys([*RECONSTRUCTION_DEFAULT_MODELS.values(),
+                                                 *catalogueModels(("dvg", "patch-edm"))]))
+DEFAULT_RECONSTRUCTION_MODEL = RECONSTRUCTION_MODEL_NAMES[0]
+
+
+#: What the panel knows about one X-ray of the reconstruction: whether it can be used, whether its view must be
+#: entered (SVDRR stored none on it), and the status line that says so.
+ReconstructionInput = collections.namedtuple("ReconstructionInput", ["usable", "needsView", "message"])
 
 
 def _outputFolder():
@@ -136,13 +150,15 @@ view. "Render orbit" renders a whole set of views in a separate process and impo
 with the Sequences module); "Export DRR" writes the current DRR as PNG, DICOM or NRRD.
 "Novel views" synthesizes new C-arm views of one X-ray (a radiograph or a DRR) with an SV-DRR diffusion model, once a
 model is downloaded (svdrr models download NAME) or a model folder is chosen; several views become a sequence.
+"Reconstruct CT" makes a CT from one or two X-rays with DVG-Diffusion or a 3D patch EDM; the CT appears with volume
+rendering, over the CT selected at the top when there is one.
 Angles follow the DICOM positioner convention: azimuth LAO positive, elevation cranial positive, (0, 0) is a PA view.
 Every image SVDRR makes is marked synthetic: DRRs are simulations and synthesized views are plausible guesses of a
-model, not measurements; neither is for diagnosis. CT reconstruction (DVG-Diffusion) will come with a later release.
+model, not measurements, and reconstructed CTs are plausible volumes, not scans; none is for diagnosis.
 """)
         self.parent.acknowledgementText = _("""
-SVDRR reimplements the view convention of SV-DRR (Xie et al.) and prepares DVG-Diffusion; it is built on 3D Slicer,
-PyTorch and the SlicerPyTorch extension. The module layout follows Slicer's ExtensionWizard template.
+SVDRR reimplements the view convention of SV-DRR (Xie et al.), DVG-Diffusion and a 3D patch EDM; it is built on
+3D Slicer, PyTorch and the SlicerPyTorch extension. The module layout follows Slicer's ExtensionWizard template.
 """)
         # Register the sample data after startup (SampleData must be loaded first)
         slicer.app.connect("startupCompleted()", registerSampleData)
@@ -211,6 +227,13 @@ class SVDRRSlicerParameterNode:
     synthesisViews - several target views: arc:..., hemisphere:N or "AZ,EL; AZ,EL; ..." (imported as a sequence).
     synthesisSteps, synthesisGuidance, synthesisSeed - denoising steps, guidance scale, noise seed.
     synthesisOutputDirectory - each synthesis is written into a time-stamped sub-folder of this folder.
+    reconstructionMethod - "DVG-Diffusion" or "3D patch EDM"; choosing one proposes its demonstration model.
+    reconstructionInput1, reconstructionInput2 - the X-rays (2D volumes) of the CT reconstruction, the second one
+        optional; never modified.
+    reconstructionAzimuth1/2, reconstructionElevation1/2 - the view of an X-ray that has no view stored by SVDRR.
+    reconstructionModel, reconstructionModelFolder - catalogue model, or a model folder ('.' or empty: none) that wins.
+    reconstructionSteps, reconstructionSeed - denoising steps (0: the model's own number) and noise seed.
+    reconstructionOutputDirectory - each reconstruction is written into a time-stamped sub-folder of this folder.
     """
 
     inputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -241,6 +264,18 @@ class SVDRRSlicerParameterNode:
     synthesisGuidance: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
     synthesisSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     synthesisOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
+    reconstructionMethod: Annotated[str, Choice(RECONSTRUCTION_METHODS)] = "DVG-Diffusion"
+    reconstructionInput1: Optional[vtkMRMLScalarVolumeNode]
+    reconstructionInput2: Optional[vtkMRMLScalarVolumeNode]
+    reconstructionAzimuth1: Annotated[float, WithinRange(-180.0, 180.0)] = 0.0
+    reconstructionElevation1: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
+    reconstructionAzimuth2: Annotated[float, WithinRange(-180.0, 180.0)] = 90.0
+    reconstructionElevation2: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
+    reconstructionModel: Annotated[str, Choice(RECONSTRUCTION_MODEL_NAMES)] = DEFAULT_RECONSTRUCTION_MODEL
+    reconstructionModelFolder: pathlib.Path
+    reconstructionSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    reconstructionSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    reconstructionOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
 
 
 #
@@ -264,6 +299,9 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._inputInfo = (None, None)
         self._synthesisInputInfo = (None, None)   # (node key, kind) of the novel-view input
         self._modelStatus = (None, None)          # ((model, folder, packages installed), ModelStatus or None)
+        self._reconstructionInputInfo = {}        # input number -> (node key, ReconstructionInput)
+        self._reconstructionModelStatus = (None, None)  # ((method, model, folder, packages), ModelStatus or None)
+        self._lastReconstructionMethod = None
         self._previewAngles = None
         self._observedSource = None
         self._dragging = False
@@ -298,12 +336,15 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.synthesizeButton.connect("clicked(bool)", self.onSynthesize)
         self.ui.cancelSynthesisButton.connect("clicked(bool)", self.onCancelJob)
+        self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
+        self.ui.cancelReconstructionButton.connect("clicked(bool)", self.onCancelJob)
         # sliders do not track (tracking=false in the .ui): valueIsChanging while dragging -> preview,
         # valueChanged on release -> parameter node -> full-resolution render
         self.ui.azimuthSliderWidget.connect("valueIsChanging(double)", self.onAzimuthChanging)
         self.ui.elevationSliderWidget.connect("valueIsChanging(double)", self.onElevationChanging)
         self.ui.orbitProgressBar.hide()
         self.ui.synthesisProgressBar.hide()
+        self.ui.reconstructionProgressBar.hide()
 
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self._updateDeviceLabel)
@@ -326,7 +367,8 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
-        self._modelStatus = (None, None)  # a model may have been downloaded meanwhile (e.g. from the console)
+        # a model may have been downloaded meanwhile (e.g. from the console)
+        self._modelStatus = self._reconstructionModelStatus = (None, None)
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -361,6 +403,7 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # each bound widget of the .ui carries a "SlicerParameterName" dynamic property
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self._lastPreset = self._parameterNode.geometryPreset  # a reloaded scene keeps its own distances
+            self._lastReconstructionMethod = self._parameterNode.reconstructionMethod  # ... and its own model
             self._lastRenderKey = None
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
@@ -372,8 +415,12 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.geometryPreset != self._lastPreset:
             self._lastPreset = p.geometryPreset
             self._applyPreset(p.geometryPreset)  # modifies p again (this handler runs nested, harmlessly)
+        if p.reconstructionMethod != self._lastReconstructionMethod:
+            self._lastReconstructionMethod = p.reconstructionMethod
+            p.reconstructionModel = RECONSTRUCTION_DEFAULT_MODELS[p.reconstructionMethod]  # the method's own model
         self._updateInputInfo()
         self._updateSynthesisInfo()
+        self._updateReconstructionInfo()
         self._updateButtons()
         if p.live and self._canRender() and self._renderKey() != self._lastRenderKey and self.logic.dependenciesMet():
             self._settleTimer.start()  # (re)start: renders once the values stop changing
@@ -426,6 +473,55 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.synthesisModelStatusLabel.text = status.message if status is not None else _(
                 "Checked once SVDRR's Python packages are installed (Synthesize sets them up).")
 
+    def _reconstructionSlots(self):
+        """Per X-ray of 'Reconstruct CT': (number, node, entered view, status label, azimuth and elevation boxes)."""
+        p = self._parameterNode
+        return ((1, p.reconstructionInput1, (p.reconstructionAzimuth1, p.reconstructionElevation1),
+                 self.ui.reconstructionInput1Label, self.ui.reconstructionAzimuth1SpinBox,
+                 self.ui.reconstructionElevation1SpinBox),
+                (2, p.reconstructionInput2, (p.reconstructionAzimuth2, p.reconstructionElevation2),
+                 self.ui.reconstructionInput2Label, self.ui.reconstructionAzimuth2SpinBox,
+                 self.ui.reconstructionElevation2SpinBox))
+
+    def _updateReconstructionInfo(self) -> None:
+        """The status lines of 'Reconstruct CT': each X-ray (with its stored view, whose entry boxes are then
+        disabled) and whether the model suits the method; re-checked only when what they depend on changes."""
+        p = self._parameterNode
+        for number, node, _view, label, azimuthBox, elevationBox in self._reconstructionSlots():
+            key = (node.GetID(), node.GetMTime(), self.logic.dependenciesMet()) if node else None
+            if number not in self._reconstructionInputInfo or key != self._reconstructionInputInfo[number][0]:
+                info = self.logic.reconstructionInput(node, optional=number == 2)
+                self._reconstructionInputInfo[number] = (key, info)
+                label.text = info.message
+                azimuthBox.enabled = elevationBox.enabled = info.needsView
+        modelKey = (p.reconstructionMethod, p.reconstructionModel, str(p.reconstructionModelFolder),
+                    self.logic.dependenciesMet())
+        if modelKey != self._reconstructionModelStatus[0]:
+            status = self.logic.reconstructionModelStatus(p.reconstructionMethod, p.reconstructionModel,
+                                                          p.reconstructionModelFolder)
+            self._reconstructionModelStatus = (modelKey, status)
+            self.ui.reconstructionModelStatusLabel.text = status.message if status is not None else _(
+                "Checked once SVDRR's Python packages are installed (Reconstruct sets them up).")
+
+    def _reconstructionInputs(self):
+        """The chosen X-ray nodes (the second only when set) and, for each, the entered view when it has none."""
+        nodes, views = [], []
+        for number, node, view, *_widgets in self._reconstructionSlots():
+            if node is not None:
+                nodes.append(node)
+                views.append(view if self._reconstructionInputInfo[number][1].needsView else None)
+        return nodes, views
+
+    def _canReconstruct(self) -> bool:
+        p = self._parameterNode
+        if p is None or p.reconstructionInput1 is None:
+            return False
+        if not self.logic.dependenciesMet():
+            return True  # the click installs the packages, then checks the X-rays and the model
+        status = self._reconstructionModelStatus[1]
+        inputsReady = all(info.usable for _key, info in self._reconstructionInputInfo.values())
+        return inputsReady and status is not None and status.available
+
     def _canSynthesize(self) -> bool:
         p = self._parameterNode
         if p is None or p.synthesisInput is None:
@@ -465,6 +561,8 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelOrbitButton.enabled = runningKind == "orbit"
         self.ui.synthesizeButton.enabled = self._canSynthesize() and not running
         self.ui.cancelSynthesisButton.enabled = runningKind == "synthesis"
+        self.ui.reconstructButton.enabled = self._canReconstruct() and not running
+        self.ui.cancelReconstructionButton.enabled = runningKind == "reconstruction"
         output = self._parameterNode.drrVolume
         self.ui.exportButton.enabled = bool(output and output.GetImageData())
         tip = "" if canStart else _("Select a CT volume first.")
@@ -637,11 +735,35 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                   seed=p.synthesisSeed, device=p.device)
             self._startJob(job, info, _("Synthesizing into {folder}").format(folder=info["outputDir"]))
 
-    # -- worker jobs (orbits and syntheses share this: one job at a time) -----------------------------------------
+    def onReconstruct(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the reconstruction."), waitCursor=True):
+            if self._jobRunning() or not self.logic.ensureDependencies():
+                return
+            self._reconstructionInputInfo = {}  # check again, with the packages installed
+            self._reconstructionModelStatus = (None, None)
+            self._updateReconstructionInfo()
+            p = self._parameterNode
+            for _key, info in self._reconstructionInputInfo.values():
+                if not info.usable:
+                    raise ValueError(info.message)
+            status = self._reconstructionModelStatus[1]
+            if status is None or not status.available:
+                raise ValueError(self.ui.reconstructionModelStatusLabel.text)
+            nodes, views = self._reconstructionInputs()
+            reference = p.inputVolume if self._inputKind() == "ct" else None
+            job, info = self.logic.startReconstruction(
+                nodes, views, status.model, p.reconstructionMethod, p.reconstructionOutputDirectory,
+                steps=p.reconstructionSteps or None, seed=p.reconstructionSeed, device=p.device,
+                referenceCtNode=reference)
+            self._startJob(job, info, _("Reconstructing into {folder}").format(folder=info["outputDir"]))
+
+    # -- worker jobs (orbits, syntheses and reconstructions share this: one job at a time) -------------------------
     def _jobWidgets(self, kind):
         """(progress bar, status label) of the section that started a job of ``kind``."""
         if kind == "synthesis":
             return self.ui.synthesisProgressBar, self.ui.synthesisStatusLabel
+        if kind == "reconstruction":
+            return self.ui.reconstructionProgressBar, self.ui.reconstructionStatusLabel
         return self.ui.orbitProgressBar, self.ui.orbitStatusLabel
 
     def _startJob(self, job, info, message) -> None:
@@ -680,7 +802,8 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info, self._jobInfo = self._jobInfo, None
         bar, label = self._jobWidgets(info["kind"])
         bar.hide()
-        title = _("Novel views") if info["kind"] == "synthesis" else _("Orbit")
+        titles = {"orbit": _("Orbit"), "synthesis": _("Novel views"), "reconstruction": _("Reconstruction")}
+        title = titles[info["kind"]]
         try:
             if job.state == "finished":
                 with slicer.util.tryWithErrorDisplay(_("Failed to import the results."), waitCursor=True):
@@ -697,6 +820,12 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _importJobResult(self, result, info) -> str:
         """Bring a finished job's files into the scene; returns the status line."""
+        if info["kind"] == "reconstruction":
+            node = self.logic.importReconstruction(result, info["name"], info["referenceId"])
+            slicer.util.resetSliceViews()
+            demo = _(" (small demonstration model: the CT only shows the workflow)") if result["demo_model"] else ""
+            return _("CT reconstructed with {model}{demo} imported as '{name}'; files in {folder}").format(
+                model=result["model"], demo=demo, name=node.GetName(), folder=info["outputDir"])
         if info["kind"] == "synthesis":
             imported = self.logic.importSynthesis(result, info["name"])
             if imported.sequence is not None:
@@ -966,6 +1095,78 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
         return import_synthesis(slicer.mrmlScene, result["synthesis_json"], name=name,
                                 sequences_logic=sequences.logic() if sequences else None)
 
+    # -- CT reconstruction (DVG-Diffusion or 3D patch EDM, separate process) -------------------------------------
+    def reconstructionInput(self, node, optional=False):
+        """A ``ReconstructionInput`` for ``node`` as an X-ray of the reconstruction (``optional``: the second one,
+        which may be left empty): a 2D X-ray, with the view SVDRR stored on it when it rendered or synthesized it."""
+        if node is None:
+            return ReconstructionInput(optional, False, _("None: the CT is reconstructed from the first X-ray alone.")
+                                       if optional else _("Choose a 2D X-ray (a radiograph, or a DRR rendered above)."))
+        kind, reason = self.classify(node)
+        if kind == "unknown":
+            return ReconstructionInput(False, True, reason)
+        if kind != "xray":
+            if kind == "ct":
+                reason = _("'{name}' is a 3D volume: choose a 2D X-ray, e.g. a DRR rendered above.").format(
+                    name=node.GetName())
+            return ReconstructionInput(False, False, reason)
+        from SVDRRLogic.session_reconstruction import xray_view_of
+
+        view = xray_view_of(node)
+        if view is None:
+            return ReconstructionInput(True, True, reason + " " + _("No stored view: enter its azimuth and elevation."))
+        stored = _("Stored view: azimuth {az:g}°, elevation {el:g}°.").format(az=view[0], el=view[1])
+        return ReconstructionInput(True, False, f"{reason} {stored}")
+
+    def reconstructionModelStatus(self, method, name, folder=None):
+        """Whether ``method`` ("DVG-Diffusion", "3D patch EDM") can run with the catalogue model ``name`` (or the
+        model ``folder``, which wins when set) without a download: a ``ModelStatus``, or None before the Python
+        packages exist."""
+        if not self.dependenciesMet():
+            return None
+        from SVDRRLogic.session_reconstruction import reconstruction_model_status
+
+        return reconstruction_model_status(method, name, folder)
+
+    def startReconstruction(self, xrayNodes, views, model, method, outputFolder, steps=None, seed=0, device="auto",
+                            referenceCtNode=None):
+        """Start reconstructing a CT from one or two X-ray nodes in a worker process. ``views``: per node, the
+        (azimuth, elevation) entered for it, or None to use the view stored on it; ``model``: catalogue name or
+        folder; ``method``: "DVG-Diffusion" or "3D patch EDM"; ``steps`` None: the model's own number. A film
+        without stored geometry is centred on ``referenceCtNode`` when given. Returns ``(job, info)`` like
+        :meth:`startOrbit`; pass ``job.result`` and ``info["referenceId"]`` to :meth:`importReconstruction`."""
+        from SVDRRLogic.session_reconstruction import default_center, reconstruction_job, write_reconstruction_inputs
+
+        if not xrayNodes:
+            raise ValueError(_("Select an X-ray first."))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        outputDir = pathlib.Path(outputFolder) / f"reconstruction-{stamp}"
+        workDir = pathlib.Path(slicer.util.tempDirectory("SVDRR-job"))
+        try:
+            inputs = write_reconstruction_inputs(xrayNodes, workDir, views)  # the views are checked first, per node
+            spec = reconstruction_job(inputs, outputDir / "ct.nii.gz", model, method, steps=steps,
+                                      seed=seed, device=device, keep=outputDir,
+                                      center_ras=default_center(xrayNodes, referenceCtNode))
+            name = _("{method} CT from {inputs}").format(method=method,
+                                                          inputs=" + ".join(n.GetName() for n in xrayNodes))
+            job, info = self._startWorker(spec, workDir, outputDir, name, "reconstruction")
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        info["referenceId"] = referenceCtNode.GetID() if referenceCtNode is not None else None
+        return job, info
+
+    @staticmethod
+    def importReconstruction(result, name="Reconstructed CT", referenceId=None):
+        """Import a finished reconstruction (the job's result event) as a new synthetic CT node with volume
+        rendering, over the reference CT (node ID ``referenceId``, when it still exists) in the slice views."""
+        from SVDRRLogic.session_reconstruction import import_reconstruction
+
+        reference = slicer.mrmlScene.GetNodeByID(referenceId) if referenceId else None
+        volumeRendering = getattr(slicer.modules, "volumerendering", None)
+        return import_reconstruction(slicer.mrmlScene, result["ct"], name, reference, manifest=result["manifest"],
+                                     volume_rendering_logic=volumeRendering.logic() if volumeRendering else None)
+
     @staticmethod
     def importOrbit(result, name="DRR orbit"):
         """Import a finished orbit (the job's result event) as a sequence + browser; returns both."""
@@ -989,7 +1190,8 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 class SVDRRSlicerTest(ScriptedLoadableModuleTest):
-    """The full flow in a real Slicer: sample, DRR, source drag, preview, orbit job, cancel, export, novel views.
+    """The full flow in a real Slicer: sample, DRR, source drag, preview, orbit job, cancel, export, novel views,
+    CT reconstruction.
     Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
@@ -1004,6 +1206,8 @@ class SVDRRSlicerTest(ScriptedLoadableModuleTest):
         self.test_SVDRRSlicer_widget()
         self.setUp()
         self.test_SVDRRSlicer_synthesis()
+        self.setUp()
+        self.test_SVDRRSlicer_reconstruction()
 
     def _smallView(self, logic, ctNode, azimuth=0.0, elevation=0.0):
         session = logic.session(ctNode, "auto", "physical")
@@ -1144,3 +1348,36 @@ class SVDRRSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue(node.GetName().endswith("(synthetic)"))
         self.assertEqual((geometry_from_node(node).azimuth, geometry_from_node(node).elevation), (20.0, -5.0))
         self.delayDisplay("Novel-view test passed")
+
+    def test_SVDRRSlicer_reconstruction(self):
+        """A CT from a PA and a lateral DRR with a tiny random DVG-Diffusion model (the CT is noise from random
+        weights; the plumbing is real): views read from the DRR nodes, the worker, the import over the phantom."""
+        self.delayDisplay("Starting the SVDRR reconstruction test")
+        logic = SVDRRSlicerLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        from SVDRRLogic.models.dvg import create_random
+
+        ctNode = logic.loadChestPhantom(shape=(48, 96, 96), spacing=(3.7, 3.7, 6.7))
+        _session, frontal = self._smallView(logic, ctNode)
+        frontalNode = logic.renderDRR(frontal)
+        lateralNode = logic.renderDRR(frontal.with_view(90.0, 0.0))
+        self.assertFalse(logic.reconstructionInput(frontalNode).needsView)
+        self.assertFalse(logic.reconstructionInput(ctNode).usable)
+        tempFolder = pathlib.Path(slicer.util.tempDirectory("SVDRR-test"))
+        model = create_random(tempFolder / "tiny-dvg", "tiny")
+        self.assertFalse(logic.reconstructionModelStatus("3D patch EDM", "", model).available)
+        status = logic.reconstructionModelStatus("DVG-Diffusion", "", model)
+        self.assertTrue(status.available, status.message)
+
+        job, info = logic.startReconstruction([frontalNode, lateralNode], [None, None], status.model, "DVG-Diffusion",
+                                              tempFolder, steps=2, referenceCtNode=ctNode)
+        job.wait(timeout=600)
+        logic.cleanupJob(info)
+        self.assertEqual(job.state, "finished", job.error)
+        node = logic.importReconstruction(job.result, info["name"], info["referenceId"])
+        self.assertTrue(node.GetName().endswith("(synthetic)"))
+        self.assertEqual(node.GetAttribute("SVDRR.Kind"), "Reconstructed CT")
+        self.assertEqual(node.GetAttribute("SVDRR.Synthetic"), "true")
+        self.assertIs(node.GetNodeReference("SVDRR.ReferenceCT"), ctNode)
+        self.assertEqual(slicer.util.arrayFromVolume(node).shape, (16, 16, 16))
+        self.delayDisplay("Reconstruction test passed")

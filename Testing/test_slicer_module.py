@@ -130,6 +130,9 @@ def test_every_ui_attribute_used_exists_in_the_ui(tree, ui):
     assert sorted(used - names) == []
     assert {"azimuthSliderWidget", "renderButton", "renderOrbitButton", "cancelOrbitButton", "orbitProgressBar",
             "inputKindLabel", "deviceLabel"} <= used
+    assert {"reconstructButton", "cancelReconstructionButton", "reconstructionProgressBar", "reconstructionStatusLabel",
+            "reconstructionModelStatusLabel", "reconstructionInput1Label", "reconstructionInput2Label",
+            "reconstructionAzimuth1SpinBox", "reconstructionElevation2SpinBox"} <= used
 
 
 def test_ui_uses_only_real_designer_classes(ui):
@@ -221,13 +224,22 @@ def test_choice_defaults_are_among_the_choices(tree):
     constants = module_constants(tree)
     presets = [k for k in json.loads((ROOT / "Resources/presets/geometry.json").read_text()) if not k.startswith("_")]
     constants.setdefault("PRESET_NAMES", presets)
-    # the module reads the SV-DRR models of the catalogue at import time (novelViewModels): the same list here
+    # the module reads the models of the catalogue at import time (catalogueModels): the same lists here
     models = json.loads((ROOT / "Resources/models.json").read_text())["models"]
-    svdrr_models = sorted((n for n, e in models.items() if e.get("kind") == "svdrr"),
-                          key=lambda n: not models[n].get("demo", False))
+
+    def of_kinds(*kinds):
+        return sorted((n for n, e in models.items() if e.get("kind") in kinds),
+                      key=lambda n: not models[n].get("demo", False))
+
+    svdrr_models = of_kinds("svdrr")
     assert svdrr_models, "the catalogue lists no SV-DRR model for the novel-view panel"
     constants.setdefault("SVDRR_MODEL_NAMES", svdrr_models)
-    computed_defaults = {"DEFAULT_PRESET": "svdrr-lidc", "DEFAULT_SVDRR_MODEL": svdrr_models[0]}
+    # the reconstruction panel lists each method's demonstration model first, in the catalogue yet or not
+    demo_models = list(constants["RECONSTRUCTION_DEFAULT_MODELS"].values())
+    constants.setdefault("RECONSTRUCTION_METHODS", list(constants["RECONSTRUCTION_DEFAULT_MODELS"]))
+    constants.setdefault("RECONSTRUCTION_MODEL_NAMES", list(dict.fromkeys(demo_models + of_kinds("dvg", "patch-edm"))))
+    computed_defaults = {"DEFAULT_PRESET": "svdrr-lidc", "DEFAULT_SVDRR_MODEL": svdrr_models[0],
+                         "DEFAULT_RECONSTRUCTION_MODEL": demo_models[0]}
     checked = 0
     for node in parameter_class(tree).body:
         if not isinstance(node, ast.AnnAssign):
@@ -243,12 +255,23 @@ def test_choice_defaults_are_among_the_choices(tree):
             default = computed_defaults[node.value.id]
         assert default in choices, f"{node.target.id}: default {default!r} not in {choices}"
         checked += 1
-    assert checked >= 5
+    assert checked >= 7
     assert "svdrr-lidc" in presets
     assert set(constants["HU_MODELS"]) == {"physical", "diffdrr"}
 
 
 # -- Slicer APIs -----------------------------------------------------------------------------------------------
+def test_reconstruction_methods_match_the_engine(tree):
+    """The panel's method labels and the model each proposes are the engine's (``SVDRRLogic.reconstruct``)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("slicer", reason="SVDRRLogic.session_reconstruction needs slicer-core")
+    from SVDRRLogic.reconstruct import DEFAULT_MODELS
+    from SVDRRLogic.session_reconstruction import METHOD_LABELS
+
+    panel = module_constants(tree)["RECONSTRUCTION_DEFAULT_MODELS"]
+    assert panel == {METHOD_LABELS[method]: model for method, model in DEFAULT_MODELS.items()}
+
+
 def slicer_core_util() -> Path:
     spec = importlib.util.find_spec("slicer")
     if spec is None or not spec.submodule_search_locations:
@@ -429,7 +452,7 @@ def test_worker_is_plain_python():
                 assert name.split(".")[0] not in {"qt", "ctk", "slicer", "vtk", "PythonQt"}, name
     assert all(not needs_torch(m, engine_graph()) for m in top_level_imports(tree))
     tasks = next(n for n in tree.body if isinstance(n, ast.Assign) and dotted(n.targets[0]) == "TASKS")
-    assert "render_orbit" in [ast.literal_eval(k) for k in tasks.value.keys]
+    assert {"render_orbit", "synthesize_views", "reconstruct_ct"} <= {ast.literal_eval(k) for k in tasks.value.keys}
 
 
 FORBIDDEN_IN_ENGINE = ("qt", "ctk", "PythonQt", "SVDRRSlicer", "SVDRRSlicerLib", "training")

@@ -15,6 +15,16 @@ Plain Python: no Qt, no MRML. The job file is a JSON object whose ``task`` picks
   from the file, else PA), "input_label" (what the manifest calls the input), "offline" (default: the environment)}``.
   Novel views with SV-DRR (``SVDRRLogic.synthesize``): one image per view plus ``synthesis.json``; a progress event
   after every denoising step; the result lists the images and names the manifest (``synthesis_json``).
+- ``reconstruct_ct``: ``{"task": "reconstruct_ct", "xrays": [{"path": file, "view": [azimuth, elevation] or null
+  (read from the file's stored C-arm geometry)}, ...] (one or two), "output": CT file (.nii.gz, .nii, .nrrd,
+  .mha), "model": catalogue name or model folder or null (the method's demonstration model), "method": "dvg" |
+  "patch-edm" | null (the model's kind), optional "steps" (the model's own), "seed" (0), "device" ("auto"), "dtype"
+  ("auto"), "keep_intermediates" (folder for the intermediate products and ``reconstruction.json``),
+  "center_ras" ([r, a, s] of the CT's centre; default: the first X-ray's stored isocenter, else the origin),
+  "new_view" ("coarse"), "offline" (default: the environment)}``. A synthetic CT from the X-rays
+  (``SVDRRLogic.reconstruct``; the output's folder is created), with progress events as the model runs; the result
+  names the CT (``ct``, also the only item of ``outputs``) and carries the manifest, ``method``, ``model`` and
+  ``demo_model``.
 
 Events (the protocol of ``SVDRRLogic.jobs``): ``progress`` (fraction 0..1, rising), ``log``, one ``result``
 (``outputs`` and task-specific keys) on success, or one ``error`` (``message``, ``detail`` traceback) and exit code
@@ -190,7 +200,59 @@ def synthesize_views(job, events):
             "seconds": round(time.monotonic() - started, 3), "model": model, "demo_model": demo, "synthetic": True}
 
 
-TASKS = {"render_orbit": render_orbit, "synthesize_views": synthesize_views}
+def _xray_inputs(xrays):
+    """The job's ``xrays`` as (path, view or None) pairs for ``reconstruct_ct``; JobFileError for a malformed list."""
+    if not isinstance(xrays, list) or not xrays:
+        raise JobFileError("'xrays' must be a list of one or two {\"path\": file, \"view\": [azimuth, elevation]}")
+    pairs = []
+    for item in xrays:
+        if not isinstance(item, dict) or not item.get("path"):
+            raise JobFileError("each item of 'xrays' must be an object with a 'path' (and a 'view' or null)")
+        view = item.get("view")
+        if view is not None:
+            try:
+                azimuth, elevation = (float(v) for v in view)
+            except (TypeError, ValueError):
+                raise JobFileError(f"the view of {item['path']} must be [azimuth, elevation] or null") from None
+            view = (azimuth, elevation)
+        pairs.append((str(item["path"]), view))
+    return pairs
+
+
+def reconstruct_ct(job, events):
+    """A CT from one or two X-rays with a DVG-Diffusion or 3D patch EDM model (one CT file, optional intermediates)."""
+    pairs = _xray_inputs(_required(job, "xrays"))
+    output = str(_required(job, "output"))
+    try:
+        steps = None if job.get("steps") is None else int(job["steps"])
+        seed = int(job.get("seed", 0))
+    except (TypeError, ValueError):
+        raise JobFileError("'steps' and 'seed' must be whole numbers") from None
+
+    events.progress(0.0, "loading the engine")
+    import SVDRRLogic
+    from SVDRRLogic.reconstruct import reconstruct_ct as reconstruct
+
+    events.log(f"SVDRR engine {SVDRRLogic.__version__} from {Path(SVDRRLogic.__file__).parent}", level="debug")
+    for path, _view in pairs:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"the X-ray {path} does not exist")
+    model, method = job.get("model"), job.get("method")
+    events.log(f"reconstructing a CT from {len(pairs)} X-ray(s) with {model or 'the demonstration model'}"
+               f"{f' ({method})' if method else ''}, seed {seed}")
+    started = time.monotonic()
+    Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)  # a job's output folder is made for it
+    manifest = reconstruct(pairs, output, model=model, method=method, steps=steps, seed=seed,
+                           device=str(job.get("device", "auto")), dtype=str(job.get("dtype", "auto")),
+                           keep=job.get("keep_intermediates"), center_ras=job.get("center_ras"),
+                           new_view=str(job.get("new_view", "coarse")), progress=events.progress,
+                           offline=job.get("offline"))
+    return {"outputs": [manifest["output"]], "ct": manifest["output"], "manifest": manifest,
+            "method": manifest["method"], "model": manifest["model"]["name"], "demo_model": manifest["demo_model"],
+            "seconds": round(time.monotonic() - started, 3), "synthetic": True}
+
+
+TASKS = {"render_orbit": render_orbit, "synthesize_views": synthesize_views, "reconstruct_ct": reconstruct_ct}
 
 
 # -- main ---------------------------------------------------------------------------------------------------
