@@ -31,6 +31,9 @@ def save_model_folder(folder: str | os.PathLike, kind: str, config: dict,
     out = Path(folder).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model folder is as readable as any new folder
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps({"kind": kind, "format": FORMAT, **config}, indent=2) + "\n")
         for name, module in modules.items():

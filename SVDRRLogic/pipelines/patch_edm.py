@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..geometry import rotation
 from ..images import ImageError, XRayImage
 from ..models.patch_edm import (EDMDenoiser, SlabDenoiser, heun_sample, karras_sigmas, load_patch_edm,
                                 slab_coordinates, slab_multiple)
@@ -36,8 +37,7 @@ MEMORY_SHARE = 0.7
 def beam_line_angle(view: Sequence[float], other: Sequence[float]) -> float:
     """Angle in degrees between the beam lines of two (azimuth, elevation) views, ignoring the beam's sense."""
     def direction(az: float, el: float) -> np.ndarray:
-        a, e = math.radians(az), math.radians(el)
-        return np.array([math.sin(a) * math.cos(e), -math.cos(a) * math.cos(e), -math.sin(e)])
+        return rotation(az, el) @ np.array([0.0, -1.0, 0.0])   # isocenter -> source (DESIGN.md section 3)
     cos = abs(float(direction(*view) @ direction(*other)))
     return math.degrees(math.acos(min(1.0, cos)))
 
