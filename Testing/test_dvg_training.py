@@ -113,7 +113,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(run):
 def test_export_loads_in_the_pipeline_and_reconstructs(run):
     from SVDRRLogic.pipelines.dvg import DVGReconstructionPipeline
     from SVDRRLogic.recon_grid import XRAYSYN_FRONTAL, XRAYSYN_LATERAL, ReconGrid, xraysyn_view
-    from training.dvg.evaluate import reconstruct_factory
+    from training.recon.evaluate import METHODS
     cases, _, root = run
     model = root / "model"
     assert dvg_export.main(["--run", str(root / "straight"), "--out", str(model), "--ema"]) == 0
@@ -127,7 +127,7 @@ def test_export_loads_in_the_pipeline_and_reconstructs(run):
     drrs = grid.project(ct, [grid.geometry(*v) for v in views]).numpy()
     out = pipe(list(drrs), views, center_ras=grid.center_ras, num_inference_steps=3, generator=0)
     assert out.ct.shape == (16, 16, 16) and np.isfinite(out.ct.array_hu).all()
-    unit = reconstruct_factory(str(model), "cpu")(list(drrs[:1]), views[:1], grid)
+    unit = METHODS["dvg"](str(model), "cpu")(list(drrs[:1]), views[:1], grid)
     assert unit.shape == (16, 16, 16) and 0.0 <= unit.min() and unit.max() <= 1.0
     # the model has memorized its one phantom: far closer to it than an empty volume is
     assert np.abs(unit - ct.numpy()).mean() < 0.5 * np.abs(ct.numpy()).mean()

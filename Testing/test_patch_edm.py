@@ -347,7 +347,7 @@ def test_slab_batches(cases):
 
 
 def test_tiny_training_overfits_resumes_and_exports(cases, tmp_path, phantom):
-    from training.patch_edm import reconstruct_factory
+    from training.recon.evaluate import METHODS
     from training.patch_edm.train import main
     run = tmp_path / "run"
     args = ["--config", str(TINY_CONFIG), "--cases", str(cases), "--out", str(run),
@@ -363,7 +363,7 @@ def test_tiny_training_overfits_resumes_and_exports(cases, tmp_path, phantom):
     pipe = PatchEDMReconstructionPipeline.from_folder(run / "final-model", "cpu")
     assert pipe.model_config == resolve_config("tiny")
     grid, unit = phantom
-    reconstruct = reconstruct_factory(run / "final-model", "cpu")
+    reconstruct = METHODS["patch-edm"](str(run / "final-model"), "cpu")
     volume = reconstruct([x.array for x in drr_inputs(grid, unit, [FRONTAL, LATERAL])], [FRONTAL, LATERAL], grid)
     assert volume.shape == (16, 16, 16) and 0.0 <= volume.min() and volume.max() <= 1.0
     coarse = ReconGrid(8, grid.center_ras)

@@ -5,6 +5,7 @@
   latents, cached in RAM;
 - :mod:`.stages` -- the five stages (CT VQ-GAN, input VPGE, G_z, new-view VPGE, denoiser) and their losses;
 - :mod:`.train` -- the accelerate loop (multi-GPU / multi-node), checkpoints, resume, EMA, metrics;
-- :mod:`.export` -- a finished run -> a model folder for ``DVGReconstructionPipeline.from_folder``;
-- :mod:`.evaluate` -- ``reconstruct_factory`` for the shared evaluation harness.
+- :mod:`.export` -- a finished run -> a model folder for ``DVGReconstructionPipeline.from_folder``.
+
+Evaluation goes through the shared harness, ``python -m training.recon.evaluate --method dvg``.
 """

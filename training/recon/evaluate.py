@@ -33,7 +33,7 @@ import numpy as np
 
 from SVDRRLogic.images import ImageError
 from SVDRRLogic.io.common import atomic_output
-from SVDRRLogic.recon_grid import XRAYSYN_FRONTAL, XRAYSYN_LATERAL, ReconGrid, xraysyn_view
+from SVDRRLogic.recon_grid import XRAYSYN_FRONTAL, XRAYSYN_LATERAL, ReconGrid, hu_to_unit, xraysyn_view
 from SVDRRLogic.recon_grid import backprojection_baseline as recon_baseline
 from SVDRRLogic.volume_metrics import (LPIPS_REDUCTIONS, METRIC_LABELS, PSNR_ZERO_MSE_DB, LPIPSUnavailable,
                                        evaluate_volume, load_lpips)
@@ -99,8 +99,30 @@ def _backprojection_factory(model_path: str | None, device: str) -> Reconstruct:
     return backprojection_baseline
 
 
-#: name -> factory(model_path, device) returning a ``reconstruct`` callable; methods add themselves here.
-METHODS: dict[str, Callable[[str | None, str], Reconstruct]] = {"backprojection": _backprojection_factory}
+def model_factory(method: str) -> Callable[[str | None, str], Reconstruct]:
+    """The factory of a model method ("dvg", "patch-edm"): the product's own loading and inference path
+    (:func:`SVDRRLogic.reconstruct.load_pipeline`) in float32, the model's default number of steps, seed 0 so
+    repeated evaluations agree, the CT returned as unit values on ``grid`` (resampled when the model reconstructs
+    into another cube)."""
+    def factory(model_path: str | None, device: str) -> Reconstruct:
+        from SVDRRLogic.reconstruct import load_pipeline
+        if not model_path:
+            raise SystemExit(f"--method {method} needs --model MODEL_DIR")
+        pipe, _choice = load_pipeline(model_path, method, device=device, dtype="fp32", progress=False)
+
+        def reconstruct(xrays: Sequence[np.ndarray], views: Sequence[tuple[float, float]],
+                        grid: ReconGrid) -> np.ndarray:
+            ct = pipe(list(xrays), list(views), center_ras=grid.center_ras, generator=0).ct
+            if grid == ReconGrid(pipe.grid_size, grid.center_ras):
+                return hu_to_unit(ct.array_hu)
+            return grid.sample_ct(ct)
+        return reconstruct
+    return factory
+
+
+#: name -> factory(model_path, device) returning a ``reconstruct`` callable.
+METHODS: dict[str, Callable[[str | None, str], Reconstruct]] = {
+    "backprojection": _backprojection_factory, "dvg": model_factory("dvg"), "patch-edm": model_factory("patch-edm")}
 
 
 # -- cases -----------------------------------------------------------------------------------------------------
