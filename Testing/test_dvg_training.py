@@ -28,14 +28,7 @@ from training.dvg.data import batch_indices  # noqa: E402
 TINY = str(ROOT / "training" / "configs" / "dvg-tiny.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the tiny networks gain nothing from two, and spinning OpenMP threads on a shared machine can
-    make a step ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cases(folder: Path, count: int = 1) -> Path:

@@ -13,14 +13,7 @@ from SVDRRLogic.models.unet3d import PAPER_CONFIGS, RelativePositionBias, Rotary
 TINY = {"dim": 8, "dim_mults": (1, 2), "channels": 8, "out_dim": 8, "attn_heads": 2, "attn_dim_head": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the tiny network gains nothing from two, and OpenMP threads spinning on a busy machine can
-    make a training step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

@@ -14,14 +14,7 @@ from SVDRRLogic.models.vqgan3d import VQGAN3D  # noqa: E402
 TINY = dict(n_hiddens=8, downsample=(4, 4, 4), embedding_dim=4, n_codes=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tiny networks gain nothing from two, and OpenMP threads spinning on a busy machine can
-    make a training step ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

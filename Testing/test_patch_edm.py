@@ -32,14 +32,7 @@ TINY_CONFIG = ROOT / "training" / "configs" / "patch-edm-tiny.yaml"
 FRONTAL, LATERAL = (0.0, 0.0), (90.0, 0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny tensors gain nothing from more threads, and on a shared machine extra threads spin-wait for busy
-    cores (several times slower); restored afterwards for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(torch.nn.Module):

@@ -30,12 +30,7 @@ WORKER = ROOT / "SVDRRSlicer" / "Scripts" / "SVDRRWorker.py"
 ISO = (10.0, -20.0, 30.0)
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """An empty model cache per test, and the environment's offline switches off (nothing here downloads)."""
-    for var in ("SVDRR_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SVDRR_HOME", str(tmp_path / "svdrr-home"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from .recon_folder import load_module, read_config, save_model_folder
-from .svdrr import ModelLoadError
+from .recon_folder import build_from_folder, load_module, save_model_folder
 from .unet3d import Unet3D
 from .vqgan3d import VQGAN3D
 
@@ -147,15 +146,9 @@ def create_random(folder: str | os.PathLike, config: str | dict = "tiny", *, see
 def load_dvg(folder: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> DVGComponents:
     """Build the configured networks and fill them from the folder's safetensors (keys and shapes checked)."""
-    cfg = read_config(folder, KIND)
-    cfg.pop("kind"), cfg.pop("format")
-    try:
-        parts = build_dvg(cfg, empty=True)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}: invalid DVG configuration ({exc})") from None
+    parts = build_from_folder(folder, KIND, lambda cfg: build_dvg(cfg, empty=True), "DVG")
     for name in PARTS:
-        module = getattr(parts, name).to_empty(device="cpu")
-        load_module(module, folder, name)
+        load_module(getattr(parts, name), folder, name)
     return parts.to(device, dtype)
 
 

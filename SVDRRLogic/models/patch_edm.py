@@ -35,8 +35,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from ..recon_grid import XRAYSYN_FRONTAL, XRAYSYN_LATERAL, xraysyn_view
-from .recon_folder import load_module, read_config, save_model_folder
-from .svdrr import ModelLoadError
+from .recon_folder import build_from_folder, load_module, save_model_folder
 
 KIND = "patch-edm"
 WEIGHTS = "denoiser"
@@ -166,13 +165,7 @@ def create_random(folder: str | os.PathLike, config: str | dict = "tiny", *, see
 def load_patch_edm(folder: str | os.PathLike, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> EDMDenoiser:
     """Build the configured denoiser and fill it from ``denoiser.safetensors`` (keys and shapes checked)."""
-    cfg = read_config(folder, KIND)
-    cfg.pop("kind"), cfg.pop("format")
-    try:
-        denoiser = build_patch_edm(cfg, empty=True)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}: invalid patch EDM configuration ({exc})") from None
-    denoiser.unet.to_empty(device="cpu")
+    denoiser = build_from_folder(folder, KIND, lambda cfg: build_patch_edm(cfg, empty=True), "patch EDM")
     load_module(denoiser, folder, WEIGHTS)
     return denoiser.to(device=device, dtype=dtype).eval()
 

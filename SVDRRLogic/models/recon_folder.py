@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,8 +67,21 @@ def read_config(folder: str | os.PathLike, kind: str | None = None) -> dict:
     return config
 
 
+def build_from_folder(folder: str | os.PathLike, kind: str, build_empty: Callable[[dict], Any], what: str):
+    """``build_empty(config)`` for the folder's configuration (networks on the meta device, to be filled with
+    :func:`load_module`); a configuration the builder rejects is one :class:`ModelLoadError` line."""
+    cfg = read_config(folder, kind)
+    cfg.pop("kind"), cfg.pop("format")
+    try:
+        return build_empty(cfg)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}: invalid {what} configuration ({exc})") from None
+
+
 def load_module(module: torch.nn.Module, folder: str | os.PathLike, name: str) -> torch.nn.Module:
-    """Fill ``module`` from ``<folder>/<name>.safetensors``; every key and shape must match."""
+    """Fill ``module`` (materialized on the CPU if it is still on the meta device) from
+    ``<folder>/<name>.safetensors``; every key and shape must match."""
+    module.to_empty(device="cpu")
     path = Path(folder).expanduser() / f"{name}.safetensors"
     try:
         state = load_file(str(path))
