@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peers", action="store_true", help="skip plastimatch and DiffDRR")
     b.add_argument("--no-large", action="store_true", help="skip the 512x512x500 CT at 1024^2 memory check")
 
+    br = sub.add_parser("bench-recon", help="time and peak memory of a CT reconstruction per method and model size")
+    br.add_argument("--methods", default="dvg,patch-edm", help="comma-separated: dvg, patch-edm")
+    br.add_argument("--configs", default="tiny", help="comma-separated model sizes: tiny, demo, paper")
+    br.add_argument("--steps", type=int, help="time this many steps (and twice as many), extrapolate to the full run")
+    br.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    br.add_argument("--json", action="store_true", help="print the results as JSON")
+
     s = sub.add_parser("synthesize", help="novel views of one X-ray with an SV-DRR model (synthetic images)",
                        description="Synthesize new C-arm views of the patient in one X-ray with an SV-DRR model. "
                                    "Writes one image per view and synthesis.json (the settings and every view's "
@@ -265,6 +272,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_recon(args) -> int:
+    from .bench_recon import FACTORIES, run_bench_recon
+
+    methods, configs = args.methods.split(","), args.configs.split(",")
+    if not set(methods) <= set(FACTORIES) or not set(configs) <= {"tiny", "demo", "paper"}:
+        raise UsageError(f"--methods takes {', '.join(FACTORIES)}; --configs takes tiny, demo, paper")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    result = run_bench_recon(methods, configs, device=args.device, steps=args.steps)
+    print(json.dumps(result["rows"], indent=2) if args.json else result["table"])
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -327,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     commands = {"render": cmd_render, "synthesize": cmd_synthesize, "reconstruct": cmd_reconstruct,
-                "bench": cmd_bench, "demo": cmd_demo, "models": cmd_models}
+                "bench": cmd_bench, "bench-recon": cmd_bench_recon, "demo": cmd_demo, "models": cmd_models}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

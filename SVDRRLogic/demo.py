@@ -36,6 +36,8 @@ NO_DEMO_MODEL = "no demonstration model installed: skipping novel views"
 NO_RECON_MODEL = "no demonstration reconstruction model installed: skipping CT reconstruction"
 RECON_BANNER = "RECONSTRUCTED CTs (demonstration models) of a phantom from its DRRs - not for diagnosis"
 RECON_METHODS = {"dvg": "DVG-Diffusion", "patch-edm": "3D patch EDM"}
+#: Sampling steps per method (absent: the model's default).
+RECON_STEPS: dict[str, int] = {}
 #: Frontal (PA) and lateral: the views both reconstruction methods were trained with.
 RECON_VIEWS = ((0.0, 0.0), (90.0, 0.0))
 #: The novel views of the demo: five azimuths around the PA source, at the model's own resolution.
@@ -137,7 +139,7 @@ def reconstruction_step(out_dir: Path, ct: CTVolume, device: str = "auto", catal
             label = f"{RECON_METHODS[kind]} {'biplanar' if n == 2 else 'single view'}"
             out = folder / f"{kind}_{'biplanar' if n == 2 else 'single'}.nii.gz"
             reconstruct_ct([str(f) for f in files[:n]], out, model=name, seed=0, device=device,
-                           catalogue=catalogue, offline=True)
+                           steps=RECON_STEPS.get(kind), catalogue=catalogue, offline=True)
             unit = hu_to_unit(load_ct(out).array_hu)
             results[label] = {"model": name, **_scores(unit, truth, psnr_3d, ssim_slices)}
             rows.append((label, unit))

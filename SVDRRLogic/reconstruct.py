@@ -1,8 +1,9 @@
 """A CT from one or two X-ray files, to a file: the route shared by ``svdrr reconstruct``, the worker (task
 ``reconstruct_ct``), the Slicer module (through the worker) and ``svdrr demo``.
 
-Each X-ray comes with its view: given as ``FILE@AZ,EL`` (degrees, our C-arm convention) or read from the file
-when it is one of our DRRs or synthesized views (its stored C-arm geometry). The model is a catalogue name or a
+Each X-ray comes with its view: given as ``FILE@AZ,EL`` (degrees, our C-arm convention) or read from the file (the
+C-arm geometry our DRRs and synthesized views store, else DICOM's positioner angles or View Position), and is
+mirrored where its DICOM Patient Orientation says its pixels are laid out otherwise than our detector's. The model is a catalogue name or a
 model folder; its kind picks the method (DVG-Diffusion or the 3D patch EDM). The CT is written atomically,
 marked synthetic; ``keep`` writes the intermediate products and a ``reconstruction.json`` manifest into a folder.
 Everything a user can get wrong fails with one line before the model runs.
@@ -16,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .images import ImageError, XRayImage
 from .io import load_xray, write_ct, write_image
 from .io.common import atomic_output, first_line, geometry_from_metadata
@@ -26,6 +29,9 @@ METHODS = ("dvg", "patch-edm")
 #: The model each method uses when none is named: the embedded demonstration models.
 DEFAULT_MODELS = {"dvg": "dvg-demo-64", "patch-edm": "patch-edm-demo-64"}
 MANIFEST_NAME = "reconstruction.json"
+#: DICOM View Position -> (azimuth, elevation): PA is our (0, 0); a left lateral (LL: the patient's left against
+#: the detector) has the source on the patient's right, azimuth +90.
+VIEW_POSITIONS = {"PA": (0.0, 0.0), "AP": (180.0, 0.0), "LL": (90.0, 0.0), "RL": (-90.0, 0.0)}
 
 
 def parse_xray_spec(spec: str) -> tuple[str, tuple[float, float] | None]:
@@ -45,21 +51,53 @@ def parse_xray_spec(spec: str) -> tuple[str, tuple[float, float] | None]:
     return str(spec), None
 
 
+def view_from_file(image: XRayImage) -> tuple[float, float] | None:
+    """The view an X-ray file states: our stored C-arm geometry, else DICOM's positioner angles, else its View
+    Position (PA, AP, LL, RL); None when it says nothing."""
+    stored = geometry_from_metadata(image.metadata)
+    if stored is not None:
+        return stored.azimuth, stored.elevation
+    meta = image.metadata
+    if "positioner_primary_angle" in meta:
+        return float(meta["positioner_primary_angle"]), float(meta.get("positioner_secondary_angle", 0.0))
+    return VIEW_POSITIONS.get(str(meta.get("view_position", "")).strip().upper())
+
+
+def oriented(image: XRayImage, view: tuple[float, float]) -> XRayImage:
+    """The image flipped, where its DICOM Patient Orientation says so, to the pixel layout our detector has at
+    ``view`` (columns along u, rows along v, DESIGN.md section 3): an AP film displayed with the patient's right
+    on the left is mirrored to the detector seen from the source side."""
+    letters = image.metadata.get("patient_orientation")
+    if not letters or len(letters) != 2 or not all(letters):
+        return image
+    from .geometry import CArmGeometry
+    from .io.dicom_writer import patient_orientation
+    geom = CArmGeometry(azimuth=view[0], elevation=view[1])
+    opposite = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+    array = image.array
+    for axis, (have, want) in enumerate(zip(letters, (patient_orientation(geom.u), patient_orientation(geom.v)))):
+        if opposite.get(have[0]) == want[0]:
+            array = np.flip(array, axis=1 - axis)       # letter 0 describes columns (axis 1), letter 1 rows
+    if array is image.array:
+        return image
+    return XRayImage(np.ascontiguousarray(array), image.pixel_spacing, dict(image.metadata, flipped_to_view=True),
+                     None, image.source)
+
+
 def load_inputs(specs: Sequence[str | tuple[str | XRayImage, Sequence[float] | None]]
                 ) -> tuple[list[XRayImage], list[tuple[float, float]]]:
-    """The X-rays and their views; a one-line error for a missing view (and no stored geometry)."""
+    """The X-rays, laid out as our detector sees them, and their views; a one-line error for a missing view."""
     images, views = [], []
     for spec in specs:
         src, view = parse_xray_spec(spec) if isinstance(spec, str) else spec
         image = src if isinstance(src, XRayImage) else load_xray(src)
+        view = view if view is not None else view_from_file(image)
         if view is None:
-            stored = geometry_from_metadata(image.metadata)
-            if stored is None:
-                raise ImageError(f"{image.source}: its view is unknown; give it as FILE@AZIMUTH,ELEVATION "
-                                 "(e.g. frontal @0,0, lateral @90,0)")
-            view = (stored.azimuth, stored.elevation)
-        images.append(image)
-        views.append(tuple(float(v) for v in view))
+            raise ImageError(f"{image.source}: its view is unknown; give it as FILE@AZIMUTH,ELEVATION "
+                             "(e.g. frontal @0,0, lateral @90,0)")
+        view = tuple(float(v) for v in view)
+        images.append(oriented(image, view))
+        views.append(view)
     if len(images) not in (1, 2):
         raise ImageError(f"reconstruction takes one or two X-rays, got {len(images)}")
     return images, views

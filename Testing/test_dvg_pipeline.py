@@ -244,3 +244,22 @@ def test_cli_reconstruct_and_its_errors(model, phantom_drrs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_views_and_layout_read_from_dicom_attributes():
+    from SVDRRLogic.reconstruct import load_inputs, oriented, view_from_file
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ap = XRayImage(image, metadata={"view_position": "AP", "patient_orientation": ["L", "F"]}, source="ap.dcm")
+    assert view_from_file(ap) == (180.0, 0.0)
+    flipped = oriented(ap, (180.0, 0.0))            # displayed like a PA film: mirrored to the AP detector
+    np.testing.assert_array_equal(flipped.array, image[:, ::-1])
+    assert oriented(ap, (0.0, 0.0)) is ap           # already laid out as a PA detector
+    lateral = XRayImage(image, metadata={"view_position": "LL"})
+    angled = XRayImage(image, metadata={"positioner_primary_angle": 30.0, "positioner_secondary_angle": -10.0,
+                                        "view_position": "PA"})
+    assert view_from_file(lateral) == (90.0, 0.0) and view_from_file(angled) == (30.0, -10.0)
+    images, views = load_inputs([(ap, None), (lateral, (-90.0, 5.0))])
+    assert views == [(180.0, 0.0), (-90.0, 5.0)]
+    np.testing.assert_array_equal(images[0].array, image[:, ::-1])
+    with pytest.raises(ImageError, match="view is unknown"):
+        load_inputs([(XRayImage(image), None)])
