@@ -56,8 +56,10 @@ def bench_one(method: str, config: str, device: torch.device, steps: int | None,
                 torch.cuda.synchronize(device)
             timings.append(time.perf_counter() - t)
         peak = np.nanmax([peak, mem.peak_mib])
-    per_step = (timings[-1] - timings[0]) / (counts[-1] - counts[0]) if len(counts) > 1 else timings[0] / full
-    fixed = timings[0] - per_step * counts[0]
+    per_step = (timings[-1] - timings[0]) / (counts[-1] - counts[0]) if len(counts) > 1 else 0.0
+    if per_step <= 0.0:  # one step count, or timing noise on a model so small that steps cost next to nothing
+        per_step = timings[-1] / counts[-1]
+    fixed = max(0.0, timings[0] - per_step * counts[0])
     params = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                  for p in m.parameters())
     return dict(method=method, config=config, device=describe_device(device), grid=pipe.grid_size,
