@@ -30,6 +30,9 @@ from .geometry import CArmGeometry
 #: first, and the index axes that become the slice's (rows, cols).
 _SLAB_LAYOUT = {2: ((0, 1, 2), (1, 0)), 1: ((1, 0, 2), (2, 0)), 0: ((2, 0, 1), (2, 1))}
 _OUTSIDE = 4.0  # a normalized grid coordinate well outside [-1, 1]: grid_sample returns 0 there
+#: Planes per chunk at least: rays are chunked in blocks small enough that a block (rays sorted by where they end)
+#: shares the planes all its rays cross, which then need no masking.
+PLANES_PER_CHUNK = 8
 
 
 def default_chunk(device: torch.device) -> int:
@@ -80,6 +83,8 @@ def plan_rays(origins: np.ndarray, directions: np.ndarray, ras_to_ijk: np.ndarra
         sel = np.nonzero(hit & (axis_of_ray == axis))[0]
         if sel.size == 0:
             continue
+        # rays whose detector ends lie close are chunked together, so fewer planes need masking per chunk
+        sel = sel[np.argsort(o[sel, axis] + d[sel, axis], kind="stable")]
         oa, da = o[sel, axis], d[sel, axis]
         rows_axis, cols_axis = _SLAB_LAYOUT[axis][1]
         alpha = np.empty((sel.size, 2))
@@ -139,7 +144,7 @@ def slabs(volume: torch.Tensor, axis: int, oversample: int = 2) -> torch.Tensor:
 def _chunks(group: RayGroup, chunk: int):
     """Yield (ray slice, slice indices, grid) chunks covering the group's rays and slices."""
     g = group.index.numel()
-    rays = max(1, min(g, chunk))
+    rays = max(1, min(g, chunk // PLANES_PER_CHUNK))
     per = max(1, chunk // rays)
     dev = group.alpha.device
     for r0 in range(0, g, rays):
@@ -169,7 +174,8 @@ def project_groups(stacks: dict[int, torch.Tensor], groups: list[RayGroup], n_ra
     for grp in groups:
         acc = torch.zeros(grp.index.numel(), dtype=ref.dtype, device=ref.device)
         for rs, ss, grid in _chunks(grp, chunk):
-            acc[rs] += _sample(stacks[grp.axis][ss], grid.to(ref.dtype)).sum(dim=0).view(-1)
+            sampled = _sample(stacks[grp.axis][ss], grid.to(ref.dtype))
+            acc[rs] += (sampled[0] if sampled.shape[0] == 1 else sampled.sum(dim=0)).view(-1)
         out[grp.index] = acc * grp.weight.to(ref.dtype)
     return out
 
