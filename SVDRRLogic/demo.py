@@ -36,6 +36,8 @@ NO_DEMO_MODEL = "no demonstration model installed: skipping novel views"
 NO_RECON_MODEL = "no demonstration reconstruction model installed: skipping CT reconstruction"
 RECON_BANNER = "RECONSTRUCTED CTs (demonstration models) of a phantom from its DRRs - not for diagnosis"
 RECON_METHODS = {"dvg": "DVG-Diffusion", "patch-edm": "3D patch EDM"}
+#: Side in pixels of a slice on the reconstruction sheet (the 64^3 volumes are upscaled to be seen).
+RECON_TILE = 224
 #: Sampling steps per method (absent: the model's default).
 RECON_STEPS: dict[str, int] = {}
 #: Frontal (PA) and lateral: the views both reconstruction methods were trained with.
@@ -149,8 +151,8 @@ def reconstruction_step(out_dir: Path, ct: CTVolume, device: str = "auto", catal
     tiles, labels = [], []
     for label, volume in rows:
         for plane, tile in zip(("axial", "coronal", "sagittal"), _middle_slices(volume)):
-            tiles.append(tile)
-            labels.append(f"{label}, {plane}" if plane == "axial" else plane)
+            tiles.append(np.asarray(Image.fromarray(tile).resize((RECON_TILE, RECON_TILE), Image.BILINEAR)))
+            labels.append(f"{label}: {plane}")
     with atomic_output(sheet_path, ".png") as tmp:
         contact_sheet(tiles, labels, columns=3, title=RECON_BANNER).save(tmp, format="PNG")
     for label, r in results.items():
@@ -167,7 +169,7 @@ def _middle_slices(volume: np.ndarray) -> list[np.ndarray]:
     """Axial (superior up is k), coronal and sagittal middle slices of a [k, j, i] grid volume, upright, on the
     CT's [0, 1] window."""
     k, j, i = (n // 2 for n in volume.shape)
-    return [volume[k], volume[::-1, j, :], volume[::-1, :, i]]
+    return [np.ascontiguousarray(a) for a in (volume[k], volume[::-1, j, :], volume[::-1, :, i])]
 
 
 def _tile(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -181,7 +181,7 @@ def test_slab_denoiser_matches_the_whole_volume_and_survives_out_of_memory():
 def test_paper_size_and_configuration_checks():
     assert parameter_count("paper") == 9_826_913             # vs 10.33 M for the authors' SongUNet3D
     cfg = resolve_config("paper")
-    assert cfg["unet"]["attention_levels"] == [False, False, False, True] and cfg["grid_size"] == 128
+    assert cfg["unet"]["attention_levels"] == [False, False, False, True] and cfg["grid"] == 128
     assert cfg["views"] == [[0.0, 0.0], [90.0, 0.0]] and cfg["num_inference_steps"] == 500
     with pytest.raises(ValueError, match="multiples of 2"):
         resolve_config({**CONFIGS["tiny"], "patch_slices": 5})

@@ -50,7 +50,7 @@ CONFIGS: dict[str, dict] = {
     "paper": {
         "unet": {"channels": [32, 64, 64, 64], "num_res_blocks": 4, "attention_levels": [False, False, False, True],
                  "num_head_channels": 64, "norm_num_groups": 8},
-        "grid_size": 128, "patch_slices": 64, "views": VIEWS, "view_dropout": 0.0, "num_inference_steps": 500,
+        "grid": 128, "patch_slices": 64, "views": VIEWS, "view_dropout": 0.0, "num_inference_steps": 500,
         **_EDM,
     },
     # What a 2-core CPU trains in about half an hour on 64^3 phantoms (5 mm voxels), 1.07 M parameters; the view
@@ -58,14 +58,14 @@ CONFIGS: dict[str, dict] = {
     "demo": {
         "unet": {"channels": [16, 32, 32], "num_res_blocks": 2, "attention_levels": [False, False, True],
                  "num_head_channels": 32, "norm_num_groups": 8},
-        "grid_size": 64, "patch_slices": 16, "views": VIEWS, "view_dropout": 0.2, "num_inference_steps": 18,
+        "grid": 64, "patch_slices": 16, "views": VIEWS, "view_dropout": 0.2, "num_inference_steps": 18,
         **_EDM,
     },
     # Tests: 16^3, two levels with attention at the bottom (the paper's code path), runs in milliseconds.
     "tiny": {
         "unet": {"channels": [8, 16], "num_res_blocks": 1, "attention_levels": [False, True],
                  "num_head_channels": 8, "norm_num_groups": 4},
-        "grid_size": 16, "patch_slices": 8, "views": VIEWS, "view_dropout": 0.0, "num_inference_steps": 12,
+        "grid": 16, "patch_slices": 8, "views": VIEWS, "view_dropout": 0.0, "num_inference_steps": 12,
         **_EDM,
     },
 }
@@ -87,9 +87,9 @@ def resolve_config(config: str | dict) -> dict:
     problems = []
     if len(unet["attention_levels"]) != len(unet["channels"]):
         problems.append("unet.attention_levels needs one entry per level of unet.channels")
-    if cfg["grid_size"] % m or cfg["patch_slices"] % m or not 0 < cfg["patch_slices"] <= cfg["grid_size"]:
-        problems.append(f"grid_size and patch_slices must be multiples of {m} (the U-Net's down-sampling), "
-                        f"with 0 < patch_slices <= grid_size")
+    if cfg["grid"] % m or cfg["patch_slices"] % m or not 0 < cfg["patch_slices"] <= cfg["grid"]:
+        problems.append(f"grid and patch_slices must be multiples of {m} (the U-Net's down-sampling), "
+                        f"with 0 < patch_slices <= grid")
     if not cfg["views"] or any(len(v) != 2 for v in cfg["views"]):
         problems.append("views must be a non-empty list of (azimuth, elevation) pairs")
     if not 0.0 <= cfg["view_dropout"] < 1.0 or (cfg["view_dropout"] and len(cfg["views"]) < 2):

@@ -86,7 +86,7 @@ class PatchEDMReconstructionPipeline(ReconstructionPipeline):
 
     @property
     def grid_size(self) -> int:
-        return int(self.model_config["grid_size"])
+        return int(self.model_config["grid"])
 
     @torch.no_grad()
     def __call__(self, xrays: Sequence[XRayImage | np.ndarray], views: Sequence[Sequence[float]], *,

@@ -62,9 +62,9 @@ class SlabBatches:
     def __init__(self, root: str | Path, split: str, config: dict, *, seed: int = 0, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu"):
         files, size = read_cases(root, split)
-        if size != config["grid_size"]:
-            raise SystemExit(f"{root}: cases on a {size}^3 grid, the model works on {config['grid_size']}^3 "
-                             f"(preprocess with --size {config['grid_size']})")
+        if size != config["grid"]:
+            raise SystemExit(f"{root}: cases on a {size}^3 grid, the model works on {config['grid']}^3 "
+                             f"(preprocess with --size {config['grid']})")
         self.files = files[rank::world] if len(files) >= world else files
         self.grid = ReconGrid(size)
         self.views = [self.grid.geometry(az, el) for az, el in config["views"]]

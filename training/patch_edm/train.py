@@ -39,7 +39,7 @@ from .data import SlabBatches
 log = logging.getLogger("training.patch_edm.train")
 FINAL = "final-model"
 #: Model keys a config may override on its preset (None: the preset's value).
-MODEL_KEYS = ("unet", "grid_size", "patch_slices", "views", "view_dropout", "num_inference_steps", "sigma_data",
+MODEL_KEYS = ("unet", "grid", "patch_slices", "views", "view_dropout", "num_inference_steps", "sigma_data",
               "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
 
 DEFAULTS: dict = {
