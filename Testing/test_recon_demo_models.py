@@ -5,7 +5,6 @@ back-projection baseline; ``svdrr demo``'s reconstruction step runs with them.""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -15,7 +15,7 @@ from typing import Any
 
 from SVDRRLogic.models.dvg import CONFIGS, resolve_config
 
-from ..svdrr.config import deep_merge, load_file, parse_override
+from ..svdrr.config import apply_overrides, deep_merge, load_file
 
 #: Training order; each stage freezes and builds on the ones before it.
 STAGES = ("ct_vqgan", "vpge", "coarse", "vpge_new", "diffusion")
@@ -81,15 +81,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     except (ValueError, YAMLError) as exc:     # YAML / JSON syntax, a file that is not a mapping
         raise ValueError(f"{path}: unreadable config ({str(exc).splitlines()[0]})") from None
     try:
-        cfg = deep_merge(copy.deepcopy(DEFAULTS), file)
-        for item in overrides:
-            keys, value = parse_override(item)
-            patch: dict = {}
-            node = patch
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
-            cfg = deep_merge(cfg, patch)
+        cfg = apply_overrides(deep_merge(copy.deepcopy(DEFAULTS), file), overrides)
     except KeyError as exc:           # deep_merge's unknown key
         raise ValueError(f"bad DVG training config: {exc.args[0]}") from None
     except ValueError as exc:         # an override that is not section.key=value

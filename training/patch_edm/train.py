@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from SVDRRLogic.models.patch_edm import CONFIGS, build_patch_edm, edm_loss, resolve_config, save_patch_edm
-from training.svdrr.config import deep_merge, load_file, parse_override
+from training.svdrr.config import apply_overrides, deep_merge, load_file
 from training.svdrr.dist import cpu_only
 from training.svdrr.train import CHECKPOINT, checkpoints, resolve_resume
 
@@ -65,13 +65,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = deep_merge(cfg, load_file(path))
-    for item in overrides:
-        keys, value = parse_override(item)
-        patch = node = {}
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-        cfg = deep_merge(cfg, patch)
+    cfg = apply_overrides(cfg, overrides)
     problems = [f"{k} is required" for k in ("data.cases", "checkpoint.output_dir")
                 if cfg[k.split(".")[0]][k.split(".")[1]] is None]
     if cfg["model"]["preset"] not in CONFIGS:

@@ -122,6 +122,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         cfg = deep_merge(cfg, load_file(path))
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """``cfg`` with each ``section.key=value`` merged in (unknown keys are KeyErrors, as in :func:`deep_merge`)."""
     for item in overrides:
         keys, value = parse_override(item)
         patch: dict = {}
@@ -130,7 +137,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             node = node.setdefault(k, {})
         node[keys[-1]] = value
         cfg = deep_merge(cfg, patch)
-    validate(cfg)
     return cfg
 
 
