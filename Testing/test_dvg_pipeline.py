@@ -263,3 +263,9 @@ def test_views_and_layout_read_from_dicom_attributes():
     np.testing.assert_array_equal(images[0].array, image[:, ::-1])
     with pytest.raises(ImageError, match="view is unknown"):
         load_inputs([(XRayImage(image), None)])
+
+
+def test_models_create_random_for_the_dvg_catalogue_entry(tmp_path):
+    assert main(["models", "create-random", "dvg-diffusion", "-o", str(tmp_path / "dvg")]) == 0
+    pipe = DVGReconstructionPipeline.from_folder(tmp_path / "dvg", device="cpu")
+    assert pipe.grid_size == CONFIGS["tiny"]["grid"]

@@ -349,8 +349,8 @@ def embedded_catalogue(root: Path, model: Path, name="tiny-demo", demo=True) -> 
 def test_catalogue_demo_flag(tmp_path, model):
     cat = weights.Catalogue.load(embedded_catalogue(tmp_path, model))
     assert cat.get("tiny-demo").demo is True and cat.get("not-downloaded-demo").demo is True
-    shipped = [e.name for e in weights.Catalogue.load() if e.demo]   # the embedded one (test_demo_model.py)
-    assert shipped == ["svdrr-demo-64"]
+    shipped = [e.name for e in weights.Catalogue.load() if e.demo]   # the embedded ones (test_*demo_model*.py)
+    assert sorted(shipped) == ["dvg-demo-64", "patch-edm-demo-64", "svdrr-demo-64"]
     bad = json.loads((tmp_path / "models.json").read_text())
     bad["models"]["tiny-demo"]["demo"] = "yes"
     (tmp_path / "bad.json").write_text(json.dumps(bad))
@@ -379,7 +379,7 @@ def test_demo_with_an_embedded_demonstration_model(tmp_path, model, capsys, monk
     catalogue = embedded_catalogue(tmp_path / "res", model)
     code, out, err = run(capsys, "demo", "-o", tmp_path / "demo", "--device", "cpu", "--catalogue", catalogue)
     assert code == 0, err
-    assert "novel views (tiny-demo, a small demonstration model" in out and "skipping" not in out
+    assert "novel views (tiny-demo, a small demonstration model" in out and "skipping novel views" not in out
     m = manifest_of(tmp_path / "demo" / "novel_views")
     assert m["demo_model"] is True and m["model"]["demo"] is True and m["model"]["name"] == "tiny-demo"
     assert [r["azimuth"] for r in m["views"]] == [-90.0, -45.0, 0.0, 45.0, 90.0]

@@ -440,7 +440,6 @@ def test_cli_list(capsys):
     (["models", "download", "nope"], "unknown model 'nope'"),
     (["models", "verify", "svdrr-dit-fb-256"], "'svdrr-dit-fb-256' is not in the cache"),
     (["models", "download", "dvg-diffusion"], "no file list"),
-    (["models", "create-random", "dvg-diffusion", "-o", "x"], "no random initialiser for models of kind 'dvg'"),
     (["models", "create-random", "svdrr-dit-fb-256", "--config", "huge", "-o", "x"], "invalid choice"),
     (["models"], "required"),
 ])
