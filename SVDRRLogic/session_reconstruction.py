@@ -15,14 +15,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import mrml, weights
+from . import mrml
 from .geometry import CArmGeometry, GeometryError
 from .images import ImageError
 from .io import load_ct, load_xray
 from .io.common import geometry_from_metadata
 from .mrml_scene import REFERENCE_CT_ROLE
 from .reconstruct import METHODS
-from .session_synthesis import ModelStatus, folder_is_set, write_xray_input
+from .session_synthesis import ModelStatus, catalogue_model_status, folder_is_set, write_xray_input
 
 KIND = "Reconstructed CT"
 #: What the panel calls each method (``SVDRRLogic.reconstruct.METHODS``); the method is the model folder's kind.
@@ -63,18 +63,7 @@ def reconstruction_model_status(method: str, name: str | None, folder: str | os.
         if kind != method:
             return ModelStatus(None, f"{path} holds a {kind!r} model, not a {label} model")
         return ModelStatus(str(path), f"model folder {path}")
-    if not name:
-        return ModelStatus(None, f"choose a {label} model of the catalogue or a model folder")
-    try:
-        cat = catalogue if isinstance(catalogue, weights.Catalogue) else weights.Catalogue.load(catalogue)
-        entry = cat.get(name)
-        if entry.kind != method:
-            return ModelStatus(None, f"'{name}' is a {entry.kind} model, not a {label} model")
-        found = weights.resolve(entry.name, offline=True, progress=False, catalogue=cat)
-    except weights.WeightsError as exc:
-        return ModelStatus(None, str(exc))
-    demo = " (small demonstration model: its CTs only show the workflow)" if entry.demo else ""
-    return ModelStatus(entry.name, f"{entry.name}{demo}: ready in {found}", demo=entry.demo)
+    return catalogue_model_status(name, method, f"a {label}", "CTs", catalogue)
 
 
 def xray_view_of(node) -> tuple[float, float] | None:

@@ -61,17 +61,24 @@ def model_status(name: str | None, folder: str | os.PathLike | None = None, *, c
         if missing:
             return ModelStatus(None, f"{path} is not an SV-DRR model folder: it lacks {', '.join(missing)}")
         return ModelStatus(str(path), f"model folder {path}")
+    return catalogue_model_status(name, "svdrr", "an SV-DRR novel-view", "views", catalogue)
+
+
+def catalogue_model_status(name: str | None, kind: str, label: str, products: str, catalogue=None) -> ModelStatus:
+    """Is catalogue model ``name`` of ``kind`` usable offline (cached or embedded; ``weights.resolve(...,
+    offline=True)`` installs an embedded one)? ``label`` names the kind and ``products`` what it makes, in the
+    one-line message."""
     if not name:
-        return ModelStatus(None, "choose a model of the catalogue or a model folder")
+        return ModelStatus(None, f"choose {label} model of the catalogue or a model folder")
     try:
         cat = catalogue if isinstance(catalogue, weights.Catalogue) else weights.Catalogue.load(catalogue)
         entry = cat.get(name)
-        if entry.kind != "svdrr":
-            return ModelStatus(None, f"'{name}' is a {entry.kind} model, not an SV-DRR novel-view model")
+        if entry.kind != kind:
+            return ModelStatus(None, f"'{name}' is a {entry.kind} model, not {label} model")
         found = weights.resolve(entry.name, offline=True, progress=False, catalogue=cat)
     except weights.WeightsError as exc:
         return ModelStatus(None, str(exc))
-    demo = " (small demonstration model: its views only show the workflow)" if entry.demo else ""
+    demo = f" (small demonstration model: its {products} only show the workflow)" if entry.demo else ""
     return ModelStatus(entry.name, f"{entry.name}{demo}: ready in {found}", demo=entry.demo)
 
 

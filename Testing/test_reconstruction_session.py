@@ -4,7 +4,6 @@ with tiny random models, and the import of the CT beside the CT the X-rays came 
 the CTs are noise from random weights; files, geometry, attributes, views and errors are what is checked.
 """
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,8 @@ slicer = pytest.importorskip("slicer", reason="the scene tests need slicer-core 
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' module is not slicer-core", allow_module_level=True)
 
-from SVDRRLogic import mrml, weights  # noqa: E402
+from SVDRRLogic import mrml  # noqa: E402
+from catalogue_files import embedded_entry  # noqa: E402
 from SVDRRLogic import session_reconstruction as sr  # noqa: E402
 from SVDRRLogic.geometry import GeometryError  # noqa: E402
 from SVDRRLogic.images import CTVolume, ImageError  # noqa: E402
@@ -97,15 +97,8 @@ def one_line(exc_info) -> str:
 # -- model status ---------------------------------------------------------------------------------------------
 def embedded_catalogue(root: Path, model: Path, name: str, kind: str) -> Path:
     """A catalogue file in ``root`` whose model ``name`` of ``kind`` is embedded (``root/models/name``)."""
-    target = root / "models" / name
-    shutil.copytree(model, target)
-    files = []
-    for path in sorted(p for p in target.rglob("*") if p.is_file()):
-        digest, size = weights.sha256_of(path)
-        files.append({"path": path.relative_to(target).as_posix(), "sha256": digest, "size": size})
-    entry = {"kind": kind, "source": {"embedded": f"models/{name}"}, "verified": True, "files": files,
-             "licence": "MIT", "preset": "dvg-xraysyn", "normalization": "min-max to [0, 1]", "resolution": 16,
-             "demo": True}
+    entry = embedded_entry(root, model, name, kind=kind, preset="dvg-xraysyn", normalization="min-max to [0, 1]",
+                           resolution=16, demo=True)
     path = root / "models.json"
     path.write_text(json.dumps({"models": {name: entry}}))
     return path

@@ -16,6 +16,7 @@ pytest.importorskip("diffusers", reason="diffusers is not installed")
 pytest.importorskip("transformers", reason="transformers is not installed")
 
 from SVDRRLogic import weights  # noqa: E402
+from catalogue_files import embedded_entry  # noqa: E402
 from SVDRRLogic.cli import main  # noqa: E402
 from SVDRRLogic.geometry import CArmGeometry, GeometryError  # noqa: E402
 from SVDRRLogic.images import XRayImage  # noqa: E402
@@ -330,15 +331,8 @@ def test_model_status_for_the_panel(slicer_session, model, tmp_path, monkeypatch
 # -- the catalogue's demo flag and `svdrr demo` ------------------------------------------------------------------
 def embedded_catalogue(root: Path, model: Path, name="tiny-demo", demo=True) -> Path:
     """A catalogue file in ``root`` whose model ``name`` is embedded (``root/models/name``) as in Resources/."""
-    target = root / "models" / name
-    shutil.copytree(model, target)
-    files = []
-    for path in sorted(p for p in target.rglob("*") if p.is_file()):
-        digest, size = weights.sha256_of(path)
-        files.append({"path": path.relative_to(target).as_posix(), "sha256": digest, "size": size})
-    entry = {"kind": "svdrr", "source": {"embedded": f"models/{name}"}, "verified": True, "files": files,
-             "licence": "MIT", "preset": "svdrr-lidc", "normalization": "per-image min-max to [-1, 1]",
-             "resolution": 32, "demo": demo}
+    entry = embedded_entry(root, model, name, kind="svdrr", preset="svdrr-lidc",
+                           normalization="per-image min-max to [-1, 1]", resolution=32, demo=demo)
     not_cached = {**entry, "source": {"hf": "acme/not-downloaded"}, "verified": False,
                   "files": [{"path": "model_index.json", "sha256": None, "size": None}], "demo": True}
     path = root / "models.json"
