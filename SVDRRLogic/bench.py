@@ -3,14 +3,14 @@
 Speed: milliseconds per view for single views and batches at each detector size, on the CPU and on CUDA when
 present, for a 512x512x133 chest CT (the LIDC CT beside the project, upsampled to its original grid, else a phantom
 of that size). Peers (plastimatch's exact ray tracer, DiffDRR's trilinear renderer) render the same CT, geometry and
-detector in the same run. Accuracy: every renderer against exact line integrals through a voxelized ellipsoid,
+detector in the same run, in interleaved rounds (each renderer once per round), so all of them meet the same
+machine. Accuracy: every renderer against exact line integrals through a voxelized ellipsoid,
 so "faster" is always read next to "as accurate".
 """
 from __future__ import annotations
 
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, TextIO
@@ -50,7 +50,9 @@ def bench_ct(path: str | None, log: TextIO) -> CTVolume:
 
 
 class PeakMemory:
-    """Peak memory above the starting level during a block: CUDA allocator peak, or process RSS on Linux.
+    """Peak memory above the starting level during a block: CUDA allocator peak, or on Linux the process's
+    resident high-water mark (reset through /proc/self/clear_refs, so no polling thread competes for the cores
+    being timed); NaN where neither is available.
 
     The block includes the first (warm-up) call, so a setting's first row also counts the plane stacks the
     renderer builds and keeps (about 1x the volume for ``oversample=1``, 2x for 2); later rows reuse them.
@@ -65,46 +67,43 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._base, self._peak, self._stop = _rss(), _rss(), threading.Event()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
+            self._base = _reset_high_water_mark()
         return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, _rss())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mib = (max(self._peak, _rss()) - self._base) / 2**20
+        elif self._base is not None:
+            self.peak_mib = (_status_kib("VmHWM") * 1024 - self._base) / 2**20
 
 
-def _rss() -> int:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_high_water_mark() -> int | None:
+    """Reset the resident high-water mark to the current RSS and return it in bytes; None where unsupported."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    except OSError:
-        return 0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except (OSError, StopIteration):
+        return None
 
 
-def _time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median seconds of ``repeat`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
+def _timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """Seconds of one call of ``fn``, waiting for the device to finish."""
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    return timed
 
 
 def open_peers(ct: CTVolume, wanted: bool, log: TextIO) -> dict:
@@ -129,36 +128,58 @@ def _geometry(ct: CTVolume, size: int) -> CArmGeometry:
                                pixel=(DETECTOR_MM / size,) * 2)
 
 
-def _svdrr_rows(ct: CTVolume, sizes: list[int], batch: int, repeat: int, dev: torch.device, log: TextIO,
-                label: str = "") -> list[dict]:
-    """Single views and a batch, accurate (oversample 2) and live-preview (oversample 1) settings."""
-    rows = []
+def _svdrr_cases(ct: CTVolume, size: int, batch: int, dev: torch.device, label: str = "") -> list[tuple]:
+    """(row, timer, rounds) for single views and a batch, accurate (oversample 2) and live preview (oversample 1).
+
+    The warm-up call that builds the plane stacks runs here, under :class:`PeakMemory`.
+    """
     renderer = DRRRenderer(ct, device=dev)
-    for size in sizes:
-        geom = _geometry(ct, size)
-        sets = [[geom]] + ([[geom.with_view(a, 0.0) for a in np.linspace(-40, 40, batch)]] if batch > 1 else [])
-        for name, oversample in (("svdrr", 2), ("svdrr fast", 1)):
-            for views in sets:
-                with PeakMemory(dev) as mem:
-                    seconds = _time(lambda: renderer.render_tensor(views, oversample=oversample), dev, repeat)
-                rows.append(dict(renderer=name, device=describe_device(dev), size=size, views=len(views),
-                                 ms_per_view=seconds / len(views) * 1e3, peak_mib=mem.peak_mib, ct=label))
-        print(f"bench: svdrr {dev.type} {size}px done", file=log)
-    return rows
+    geom = _geometry(ct, size)
+    sets = [[geom]] + ([[geom.with_view(a, 0.0) for a in np.linspace(-40, 40, batch)]] if batch > 1 else [])
+    cases = []
+    for name, oversample in (("svdrr", 2), ("svdrr fast", 1)):
+        for views in sets:
+            def render(views=views, oversample=oversample):
+                return renderer.render_tensor(views, oversample=oversample)
+            with PeakMemory(dev) as mem:
+                render()
+            cases.append((dict(renderer=name, device=describe_device(dev), size=size, views=len(views),
+                               peak_mib=mem.peak_mib, ct=label), _timer(render, dev), None))
+    return cases
+
+
+def _peer_cases(peers_open: dict, ct: CTVolume, size: int, rounds: int) -> list[tuple]:
+    """(row, timer, rounds) per peer; a peer's time is its own render time (see :mod:`peers`)."""
+    geom = _geometry(ct, size)
+    cases = []
+    for name, peer in peers_open.items():
+        peer.render(geom)  # warm-up, like ours
+        cases.append((dict(renderer=name, device="cpu", size=size, views=1, peak_mib=float("nan"), ct=""),
+                       lambda peer=peer: peer.render(geom).seconds, rounds))
+    return cases
+
+
+def _timed_rows(cases: list[tuple], repeat: int) -> list[dict]:
+    """Medians over ``repeat`` rounds in which every case runs once in turn, so that a slow moment of a shared
+    machine falls on all renderers alike; a case with a round limit (the slow peers) sits out later rounds."""
+    times: list[list[float]] = [[] for _ in cases]
+    for r in range(repeat):
+        for (_, timer, rounds), t in zip(cases, times):
+            if rounds is None or r < rounds:
+                t.append(timer())
+    return [dict(row, ms_per_view=statistics.median(t) / row["views"] * 1e3)
+            for (row, _, _), t in zip(cases, times)]
 
 
 def speed_rows(ct: CTVolume, sizes: list[int], batch: int, repeat: int, devices: list[torch.device],
                with_peers: bool, log: TextIO) -> list[dict]:
+    peers_open = open_peers(ct, with_peers, log)
     rows = []
-    for dev in devices:
-        rows += _svdrr_rows(ct, sizes, batch, repeat, dev, log)
-    for name, peer in open_peers(ct, with_peers, log).items():
-        for size in sizes:
-            results = [peer.render(_geometry(ct, size)) for _ in range(max(1, min(repeat, 3)))]
-            rows.append(dict(renderer=name, device="cpu", size=size, views=1,
-                             ms_per_view=statistics.median(r.seconds for r in results) * 1e3,
-                             peak_mib=float("nan"), ct=""))
-            print(f"bench: {name} {size}px done", file=log)
+    for size in sizes:
+        cases = [c for dev in devices for c in _svdrr_cases(ct, size, batch, dev)]
+        rows += _timed_rows(cases + _peer_cases(peers_open, ct, size, rounds=3), repeat)
+        print(f"bench: {size}px done", file=log)
+    for peer in peers_open.values():
         close_peer(peer)
     return rows
 
@@ -170,10 +191,11 @@ def large_rows(devices: list[torch.device], log: TextIO) -> list[dict]:
     rows = []
     big = chest_phantom(shape=(500, 512, 512), spacing=(0.7, 0.7, 0.7), seed=1)
     for dev in devices:
-        rows += _svdrr_rows(big, [1024], 1, 1, dev, log, label="512x512x500")
+        rows += _timed_rows(_svdrr_cases(big, 1024, 1, dev, label="512x512x500"), 1)
         if dev.type == "cuda":
             cube = chest_phantom(shape=(512, 512, 512), spacing=(0.7, 0.7, 0.7), seed=2)
-            rows += _svdrr_rows(cube, [512], 8, 10, dev, log, label="512^3")
+            rows += _timed_rows(_svdrr_cases(cube, 512, 8, dev, label="512^3"), 10)
+        print(f"bench: large CT on {dev.type} done", file=log)
     return rows
 
 

@@ -3,8 +3,9 @@
 Method: slab stepping (Joseph's method). Each ray is assigned the voxel-index axis it runs most along; it is
 sampled on planes across that axis, bilinearly within each plane, and each sample is weighted by the ray length
 between planes. All rays of all views that share an axis are sampled by one batched ``grid_sample`` per chunk of
-planes, which keeps the work at one bilinear fetch per ray and plane (no sorting, no per-ray loops) and the memory
-bounded by the chunk size.
+rays and planes, which keeps the work at one bilinear fetch per ray and plane inside the volume (no per-ray loops)
+and the memory bounded by the chunk size. Rays are planned on the device (float64) and clipped to the volume, so
+only planes a ray crosses inside the volume are sampled.
 
 ``oversample=1`` samples the voxel slices themselves (fastest, for live preview). ``oversample=2`` also samples
 the mid-planes between slices, from a precomputed stack of slice averages (so a mid-plane fetch is still one
@@ -17,6 +18,7 @@ to the volume without autograd keeping every chunk alive.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,10 +31,12 @@ from .geometry import CArmGeometry
 #: For each stepped index axis (0=i, 1=j, 2=k): the tensor permutation of a [k, j, i] volume that puts that axis
 #: first, and the index axes that become the slice's (rows, cols).
 _SLAB_LAYOUT = {2: ((0, 1, 2), (1, 0)), 1: ((1, 0, 2), (2, 0)), 0: ((2, 0, 1), (2, 1))}
-_OUTSIDE = 4.0  # a normalized grid coordinate well outside [-1, 1]: grid_sample returns 0 there
-#: Planes per chunk at least: rays are chunked in blocks small enough that a block (rays sorted by where they end)
-#: shares the planes all its rays cross, which then need no masking.
-PLANES_PER_CHUNK = 8
+#: Planes per chunk at least: rays are chunked in blocks small enough that a block (rays sorted by where they leave
+#: the volume) has a narrow plane interval, whose planes are mostly crossed by all its rays and so need no masking.
+PLANES_PER_CHUNK = 16
+#: Rays are ordered by the bucket of this many planes where they leave, then by where they enter: chunks then
+#: follow both ends of the rays closely (measured: 4-8x fewer masked samples than ordering by either end alone).
+_END_BUCKET = 4.0
 
 
 def default_chunk(device: torch.device) -> int:
@@ -51,7 +55,8 @@ class RayGroup:
     weight: torch.Tensor  # (G,) ray length in mm per slice step
     first: int            # planes [first, last) can be hit by some ray
     last: int
-    bounds: torch.Tensor | None  # (G, 2) plane interval between source and detector, None when it spans all
+    bounds: torch.Tensor | None  # (G, 2) plane interval inside the volume's support and between source and
+    #                              detector, None when it spans all planes
 
 
 def plane_positions(oversample: int) -> tuple[float, float]:
@@ -63,65 +68,90 @@ def plane_positions(oversample: int) -> tuple[float, float]:
     raise ValueError(f"oversample must be 1 or 2, got {oversample}")
 
 
-def plan_rays(origins: np.ndarray, directions: np.ndarray, ras_to_ijk: np.ndarray, shape: Sequence[int],
-              device: torch.device, oversample: int = 2) -> list[RayGroup]:
-    """Group rays (RAS mm, point = origin + t * direction, t in [0, 1]) by their stepping axis.
+def view_rays(geometries: Sequence[CArmGeometry], ijk_to_ras: np.ndarray,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rays of all views in voxel-index coordinates, built on ``device`` (float64, pixels row-major, view-major).
+
+    Returns (origins, directions, length): a ray point is ``origin + t * direction`` for t in [0, 1] from the
+    source to the pixel centre, and ``length`` is that segment's length in mm. Only a few numbers per view cross
+    to the device, so planning a batch costs little next to projecting it, on a GPU too.
+    """
+    ras_to_ijk = np.linalg.inv(ijk_to_ras)
+    params = []
+    for g in geometries:
+        m = g.detector_ijk_to_ras
+        params.append(np.stack([g.source, m[:3, 3] - g.source, m[:3, 0], m[:3, 1]]))
+    p = torch.as_tensor(np.stack(params), dtype=torch.float64, device=device)  # (views, 4, 3), RAS mm
+    h, w = geometries[0].shape
+    rows = torch.arange(h, dtype=torch.float64, device=device).view(1, h, 1, 1)
+    cols = torch.arange(w, dtype=torch.float64, device=device).view(1, 1, w, 1)
+    d = p[:, None, None, 1] + rows * p[:, None, None, 3] + cols * p[:, None, None, 2]
+    length = torch.linalg.vector_norm(d, dim=-1).reshape(-1)
+    to_ijk = torch.as_tensor(ras_to_ijk, dtype=torch.float64, device=device)
+    origins = (p[:, 0] @ to_ijk[:3, :3].T + to_ijk[:3, 3]).repeat_interleave(h * w, dim=0)
+    return origins, d.reshape(-1, 3) @ to_ijk[:3, :3].T, length
+
+
+def plan_rays(o: torch.Tensor, d: torch.Tensor, length: torch.Tensor, shape: Sequence[int],
+              oversample: int = 2) -> list[RayGroup]:
+    """Group rays (from :func:`view_rays`) by their stepping axis.
 
     Rays that miss the volume's support (the voxel box grown by one voxel, where bilinear samples are non-zero)
-    are dropped: their line integral is exactly zero.
+    are dropped: their line integral is exactly zero. The others are clipped to it, so no plane outside the
+    support is sampled, and ordered by where they leave and enter it (see ``_END_BUCKET``).
     """
     step, offset = plane_positions(oversample)
     nk, nj, ni = shape
-    n = np.array([ni, nj, nk], dtype=np.float64)
-    o = origins @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]
-    d = directions @ ras_to_ijk[:3, :3].T
-    length = np.linalg.norm(directions, axis=1)
-    hit = _segment_hits_box(o, d, -1.0, n)
-    axis_of_ray = np.argmax(np.abs(d), axis=1)
+    n = (ni, nj, nk)
+    enter, leave = _clip_to_box(o, d, -1.0, n)
+    hit = enter <= leave
+    axis_of_ray = d.abs().argmax(dim=1)
     groups = []
     for axis in (0, 1, 2):
-        sel = np.nonzero(hit & (axis_of_ray == axis))[0]
-        if sel.size == 0:
+        sel = torch.nonzero(hit & (axis_of_ray == axis)).squeeze(1)
+        if sel.numel() == 0:
             continue
-        # rays whose detector ends lie close are chunked together, so fewer planes need masking per chunk
-        sel = sel[np.argsort(o[sel, axis] + d[sel, axis], kind="stable")]
         oa, da = o[sel, axis], d[sel, axis]
+        ends = torch.stack([oa + enter[sel] * da, oa + leave[sel] * da])
+        lo = (ends.min(dim=0).values - offset) / step
+        hi = (ends.max(dim=0).values - offset) / step
+        order = torch.sort(torch.floor(hi / _END_BUCKET) * 1e5 + lo, stable=True).indices
+        sel, lo, hi = sel[order], lo[order], hi[order]
+        o_sel, d_sel = o[sel], d[sel]
         rows_axis, cols_axis = _SLAB_LAYOUT[axis][1]
-        alpha = np.empty((sel.size, 2))
-        beta = np.empty((sel.size, 2))
-        for c, ax in enumerate((cols_axis, rows_axis)):  # grid x follows columns, grid y follows rows
-            r = d[sel, ax] / da
-            scale = 2.0 / (n[ax] - 1.0)
-            alpha[:, c] = (o[sel, ax] - oa * r) * scale - 1.0
-            beta[:, c] = r * scale
-        alpha += offset * beta  # from slice coordinates to plane indices
-        beta *= step
+        cols_rows = [cols_axis, rows_axis]  # grid x follows columns, grid y follows rows
+        r = d_sel[:, cols_rows] / d_sel[:, axis:axis + 1]
+        scale = torch.tensor([2.0 / (n[ax] - 1.0) for ax in cols_rows], dtype=r.dtype, device=r.device)
+        # grid at plane index q: alpha + q * beta, from slice coordinate offset + q * step
+        alpha = (o_sel[:, cols_rows] - o_sel[:, axis:axis + 1] * r + offset * r) * scale - 1.0
+        beta = r * (scale * step)
         planes = n[axis] if oversample == 1 else 2 * n[axis] + 1
-        lo = (np.minimum(oa, oa + da) - offset) / step
-        hi = (np.maximum(oa, oa + da) - offset) / step
-        first = int(max(0.0, np.floor(lo.min())))
-        last = int(min(planes, np.ceil(hi.max()) + 1))
-        spans_all = bool(lo.max() <= 0.0 and hi.min() >= planes - 1.0)
-        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+        first = max(0, math.floor(lo.min().item()))
+        last = min(planes, math.ceil(hi.max().item()) + 1)
+        spans_all = bool(lo.max().item() <= 0.0 and hi.min().item() >= planes - 1.0)
+        weight = length[sel] / d_sel[:, axis].abs()
         groups.append(RayGroup(
-            axis=axis, index=torch.as_tensor(sel, device=device), alpha=as_t(alpha), beta=as_t(beta),
-            weight=as_t(length[sel] / np.abs(da)), first=first, last=last,
-            bounds=None if spans_all else as_t(np.stack([lo, hi], axis=1))))
+            axis=axis, index=sel, alpha=alpha.float(), beta=beta.float(), weight=weight.float(), first=first,
+            last=last, bounds=None if spans_all else torch.stack([lo, hi], dim=1).float()))
     return groups
 
 
-def _segment_hits_box(o: np.ndarray, d: np.ndarray, lo: float, hi: np.ndarray) -> np.ndarray:
-    """Whether each segment o + t d, t in [0, 1], meets the box [lo, hi]^3 (slab test, axis-parallel safe)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t1 = (lo - o) / d
-        t2 = (hi - o) / d
-    inside = (o >= lo) & (o <= hi)
-    parallel = d == 0
-    tmin = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2))
-    tmax = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2))
-    enter = np.maximum(tmin.max(axis=1), 0.0)
-    leave = np.minimum(tmax.min(axis=1), 1.0)
-    return enter <= leave
+def _clip_to_box(o: torch.Tensor, d: torch.Tensor, lo: float,
+                 hi: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(enter, leave): the part t in [enter, leave] of each segment o + t d, t in [0, 1], inside the box [lo, hi]
+    (slab test, axis-parallel safe); enter > leave where the segment misses the box."""
+    enter = torch.zeros_like(o[:, 0])
+    leave = torch.ones_like(o[:, 0])
+    for a in range(3):
+        oa, da = o[:, a], d[:, a]
+        t1, t2 = (lo - oa) / da, (hi[a] - oa) / da
+        inside = (oa >= lo) & (oa <= hi[a])
+        parallel = da == 0
+        enter = torch.maximum(enter, torch.where(parallel, torch.where(inside, -torch.inf, torch.inf),
+                                                 torch.minimum(t1, t2)))
+        leave = torch.minimum(leave, torch.where(parallel, torch.where(inside, torch.inf, -torch.inf),
+                                                 torch.maximum(t1, t2)))
+    return enter, leave
 
 
 def slabs(volume: torch.Tensor, axis: int, oversample: int = 2) -> torch.Tensor:
@@ -142,25 +172,42 @@ def slabs(volume: torch.Tensor, axis: int, oversample: int = 2) -> torch.Tensor:
 
 
 def _chunks(group: RayGroup, chunk: int):
-    """Yield (ray slice, slice indices, grid) chunks covering the group's rays and slices."""
+    """Yield (ray slice, plane indices, grid, keep) chunks covering the group's rays and the planes they cross.
+
+    ``keep`` (planes, 1, 1, rays), or None where every ray crosses every plane of the chunk, tells which samples
+    lie inside their ray's interval. Within a chunk of rays, only the planes below or above some ray's interval
+    get a mask, and each of those sides needs only one comparison.
+    """
     g = group.index.numel()
     rays = max(1, min(g, chunk // PLANES_PER_CHUNK))
-    per = max(1, chunk // rays)
     dev = group.alpha.device
     for r0 in range(0, g, rays):
         rs = slice(r0, min(g, r0 + rays))
         a, b = group.alpha[rs], group.beta[rs]
-        bnd = group.bounds[rs] if group.bounds is not None else None
-        # slices inside [all_in_lo, all_in_hi] lie between source and detector for every ray of this chunk
-        all_in_lo, all_in_hi = (bnd[:, 0].max().item(), bnd[:, 1].min().item()) if bnd is not None else (0, 0)
-        for s0 in range(group.first, group.last, per):
-            s1 = min(group.last, s0 + per)
-            s = torch.arange(s0, s1, device=dev, dtype=torch.float32)
-            grid = torch.addcmul(a.unsqueeze(0), s.view(-1, 1, 1), b.unsqueeze(0))
-            if bnd is not None and not all_in_lo <= s0 <= s1 - 1 <= all_in_hi:
-                outside = (s.view(-1, 1) < bnd[:, 0]) | (s.view(-1, 1) > bnd[:, 1])
-                grid.masked_fill_(outside.unsqueeze(-1), _OUTSIDE)
-            yield rs, slice(s0, s0 + s.numel()), grid.unsqueeze(1)
+        first, last, bnd = group.first, group.last, None
+        inner = (first, last)
+        if group.bounds is not None:
+            bnd = group.bounds[rs]
+            lo, hi = bnd.min(dim=0).values.tolist(), bnd.max(dim=0).values.tolist()
+            first, last = max(first, math.floor(lo[0])), min(last, math.ceil(hi[1]) + 1)
+            inner = (max(first, math.ceil(hi[0])), min(last, math.floor(lo[1]) + 1))
+            if inner[0] >= inner[1]:
+                inner = (first, first)
+        per = max(1, chunk // (rs.stop - rs.start))
+        below, above = (first, inner[0]), (inner[1], last)
+        for p0, p1 in (below, inner, above):
+            for s0 in range(p0, p1, per):
+                s = torch.arange(s0, min(p1, s0 + per), device=dev, dtype=torch.float32)
+                grid = torch.addcmul(a.unsqueeze(0), s.view(-1, 1, 1), b.unsqueeze(0))
+                keep = None
+                if bnd is not None and (p0, p1) != inner:
+                    col = s.view(-1, 1)
+                    if inner[0] == inner[1]:  # no plane common to all rays: test both ends
+                        keep = (col >= bnd[:, 0]) & (col <= bnd[:, 1])
+                    else:
+                        keep = col >= bnd[:, 0] if (p0, p1) == below else col <= bnd[:, 1]
+                    keep = keep.view(s.numel(), 1, 1, -1)
+                yield rs, slice(s0, s0 + s.numel()), grid.unsqueeze(1), keep
 
 
 def _sample(stack: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -173,8 +220,10 @@ def project_groups(stacks: dict[int, torch.Tensor], groups: list[RayGroup], n_ra
     out = torch.zeros(n_rays, dtype=ref.dtype, device=ref.device)
     for grp in groups:
         acc = torch.zeros(grp.index.numel(), dtype=ref.dtype, device=ref.device)
-        for rs, ss, grid in _chunks(grp, chunk):
+        for rs, ss, grid, keep in _chunks(grp, chunk):
             sampled = _sample(stacks[grp.axis][ss], grid.to(ref.dtype))
+            if keep is not None:
+                sampled.mul_(keep)
             acc[rs] += (sampled[0] if sampled.shape[0] == 1 else sampled.sum(dim=0)).view(-1)
         out[grp.index] = acc * grp.weight.to(ref.dtype)
     return out
@@ -191,10 +240,12 @@ def backproject_groups(values: torch.Tensor, groups: list[RayGroup], shape: Sequ
             grad = torch.zeros_like(stack)
             for grp in (g for g in groups if g.axis == axis):
                 weighted = values[grp.index] * grp.weight.to(values.dtype)
-                for rs, ss, grid in _chunks(grp, chunk):
+                for rs, ss, grid, keep in _chunks(grp, chunk):
                     part = torch.zeros_like(stack[ss], requires_grad=True)
                     out = _sample(part, grid.to(values.dtype))
-                    (g,) = torch.autograd.grad(out, part, weighted[rs].view(1, 1, 1, -1).expand_as(out))
+                    spread = weighted[rs].view(1, 1, 1, -1)
+                    spread = spread.expand_as(out) if keep is None else spread * keep
+                    (g,) = torch.autograd.grad(out, part, spread)
                     grad[ss] += g
             grads.append((stack, grad))
         if not grads:
@@ -225,10 +276,8 @@ def plan_views(geometries: Sequence[CArmGeometry], ijk_to_ras: np.ndarray, shape
     shapes = {g.shape for g in geometries}
     if len(shapes) != 1:
         raise ValueError(f"views rendered together need one detector size, got {sorted(shapes)}")
-    rays = [g.rays() for g in geometries]
-    origins = np.concatenate([r[0] for r in rays])
-    directions = np.concatenate([r[1] for r in rays])
-    return plan_rays(origins, directions, np.linalg.inv(ijk_to_ras), shape, device, oversample), shapes.pop()
+    h, w = shapes.pop()
+    return plan_rays(*view_rays(geometries, ijk_to_ras, device), shape, oversample), (h, w)
 
 
 def forward_project(volume: torch.Tensor, ijk_to_ras: np.ndarray, geometries: Sequence[CArmGeometry],

@@ -119,6 +119,15 @@ def test_bench_prints_rows_for_every_setting(tmp_path, capsys):
     assert acc["svdrr"]["median_rel_err_pct"] < 0.1 and acc["svdrr"]["rel_rmse_pct"] < 0.5
 
 
+def test_bench_peak_memory_sees_an_allocation_freed_inside_the_block():
+    import torch
+    from SVDRRLogic.bench import PeakMemory
+    with PeakMemory(torch.device("cpu")) as mem:
+        block = np.ones(50 * 2**20 // 8)  # 50 MiB, touched, then freed before the block ends
+        del block
+    assert 45 < mem.peak_mib < 200
+
+
 def test_demo_writes_an_orbit_and_a_contact_sheet(tmp_path, capsys, monkeypatch):
     from PIL import Image
     monkeypatch.setenv("SVDRR_HOME", str(tmp_path / "home"))  # the demo model is resolved into this cache
