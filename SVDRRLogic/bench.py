@@ -75,7 +75,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         elif self._base is not None:
-            self.peak_mib = (_status_kib("VmHWM") * 1024 - self._base) / 2**20
+            self.peak_mib = max(0.0, (_status_kib("VmHWM") * 1024 - self._base) / 2**20)
 
 
 def _status_kib(field: str) -> int:
