@@ -120,11 +120,14 @@ def test_bench_prints_rows_for_every_setting(tmp_path, capsys):
 
 
 def test_bench_peak_memory_sees_an_allocation_freed_inside_the_block():
+    import mmap
     import torch
     from SVDRRLogic.bench import PeakMemory
     with PeakMemory(torch.device("cpu")) as mem:
-        block = np.ones(50 * 2**20 // 8)  # 50 MiB, touched, then freed before the block ends
-        del block
+        # fresh anonymous pages, touched, then unmapped before the block ends (a malloc could reuse resident pages)
+        block = mmap.mmap(-1, 50 * 2**20)
+        block.write(b"x" * len(block))
+        block.close()
     assert 45 < mem.peak_mib < 200
 
 
