@@ -80,21 +80,25 @@ class DRRRenderer:
         if not geoms:
             raise ValueError("no views to render")
         self._check_source_outside(geoms)
-        groups, (h, w) = plan_views(geoms, self.ijk_to_ras, self.volume.shape, self.device, oversample)
-        with torch.no_grad():
-            flat = self._project(groups, len(geoms) * h * w, oversample)
-            images = apply_output(flat.view(len(geoms), h, w), output)
+        try:  # the ray plan, the plane stacks and the projection all live on the device
+            groups, (h, w) = plan_views(geoms, self.ijk_to_ras, self.volume.shape, self.device, oversample)
+            with torch.no_grad():
+                flat = self._project(groups, len(geoms) * h * w, oversample)
+        except torch.OutOfMemoryError:
+            raise RuntimeError("out of memory while rendering; render fewer views at once, use a smaller "
+                               "detector, or device 'cpu'") from None
+        images = apply_output(flat.view(len(geoms), h, w), output)
         return images[0] if single else images
 
     def _project(self, groups, n_rays: int, oversample: int) -> torch.Tensor:
+        """Projection that retries with smaller chunks when a GPU runs short of memory."""
         stacks = {g.axis: self._stack(g.axis, oversample) for g in groups}
         while True:
             try:
                 return project_groups(stacks, groups, n_rays, self.chunk)
             except torch.OutOfMemoryError:
                 if self.device.type != "cuda" or self.chunk <= _MIN_CHUNK:
-                    raise RuntimeError("out of memory while rendering; render fewer views at once, use a smaller "
-                                       "detector, or device 'cpu'") from None
+                    raise
                 torch.cuda.empty_cache()
                 self.chunk //= 4
 

@@ -127,6 +127,24 @@ def test_source_inside_volume_and_mixed_detectors_are_refused():
         r.render([VIEWS[0], VIEWS[1].replace(detector=(8, 8))])
 
 
+def test_running_out_of_device_memory_is_advice(monkeypatch):
+    """Ray plans live on the device too: memory running out there gives the same advice as in the projection."""
+    import SVDRRLogic.renderer as renderer_module
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    ct = oblique_volume(seed=11)
+    renderer = DRRRenderer(ct, device="cpu")
+    monkeypatch.setattr(renderer_module, "plan_views", exhausted)
+    with pytest.raises(RuntimeError, match="out of memory while rendering; render fewer views"):
+        renderer.render(VIEWS[0].replace(isocenter=tuple(ct.center_ras)))
+    monkeypatch.undo()  # planning works again; now the projection runs out (on a CPU: no smaller chunks to try)
+    monkeypatch.setattr(renderer_module, "project_groups", exhausted)
+    with pytest.raises(RuntimeError, match="out of memory while rendering"):
+        renderer.render(VIEWS[0].replace(isocenter=tuple(ct.center_ras)))
+
+
 def test_cuda_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: covered by test_cpu_and_cuda_agree")
