@@ -214,18 +214,19 @@ def _sample(stack: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def project_groups(stacks: dict[int, torch.Tensor], groups: list[RayGroup], n_rays: int, chunk: int) -> torch.Tensor:
-    """Line integrals (n_rays,) from the slab stacks of a volume; rays in no group integrate to zero."""
-    ref = next(iter(stacks.values()))
-    out = torch.zeros(n_rays, dtype=ref.dtype, device=ref.device)
+def project_groups(volume: torch.Tensor, stacks: dict[int, torch.Tensor], groups: list[RayGroup], n_rays: int,
+                   chunk: int) -> torch.Tensor:
+    """Line integrals (n_rays,) from the slab stacks of ``volume`` (which gives their dtype and device); rays in
+    no group, all of them when the views miss the volume, integrate to zero."""
+    out = torch.zeros(n_rays, dtype=volume.dtype, device=volume.device)
     for grp in groups:
-        acc = torch.zeros(grp.index.numel(), dtype=ref.dtype, device=ref.device)
+        acc = torch.zeros(grp.index.numel(), dtype=volume.dtype, device=volume.device)
         for rs, ss, grid, keep in _chunks(grp, chunk):
-            sampled = _sample(stacks[grp.axis][ss], grid.to(ref.dtype))
+            sampled = _sample(stacks[grp.axis][ss], grid.to(volume.dtype))
             if keep is not None:
                 sampled.mul_(keep)
             acc[rs] += (sampled[0] if sampled.shape[0] == 1 else sampled.sum(dim=0)).view(-1)
-        out[grp.index] = acc * grp.weight.to(ref.dtype)
+        out[grp.index] = acc * grp.weight.to(volume.dtype)
     return out
 
 
@@ -261,7 +262,7 @@ class _Project(torch.autograd.Function):
     def forward(ctx, volume, groups, n_rays, chunk, oversample):  # noqa: D102
         ctx.groups, ctx.shape, ctx.chunk, ctx.oversample = groups, tuple(volume.shape), chunk, oversample
         stacks = {a: slabs(volume.detach(), a, oversample) for a in {g.axis for g in groups}}
-        return project_groups(stacks, groups, n_rays, chunk)
+        return project_groups(volume, stacks, groups, n_rays, chunk)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -95,7 +95,7 @@ class DRRRenderer:
         stacks = {g.axis: self._stack(g.axis, oversample) for g in groups}
         while True:
             try:
-                return project_groups(stacks, groups, n_rays, self.chunk)
+                return project_groups(self.volume, stacks, groups, n_rays, self.chunk)
             except torch.OutOfMemoryError:
                 if self.device.type != "cuda" or self.chunk <= _MIN_CHUNK:
                     raise

@@ -84,6 +84,17 @@ def test_rays_missing_the_volume_are_zero_and_constant_volume_gives_path_length(
     assert img[0, 0] == 0.0  # that corner ray passes 100 mm off-axis at the isocenter, outside the box
 
 
+def test_a_view_that_misses_the_volume_is_black():
+    """Aiming beside the CT (an isocenter dragged off it) renders zeros, back-projects zeros, and has a gradient."""
+    ct = oblique_volume(seed=13)
+    g = VIEWS[0].replace(isocenter=tuple(np.asarray(ct.center_ras) + [400.0, 0.0, 0.0]))
+    assert not DRRRenderer(ct, device="cpu").render(g).any()
+    x = torch.from_numpy(ct.array_hu).requires_grad_()
+    forward_project(x, ct.ijk_to_ras, [g]).sum().backward()
+    assert x.grad is not None and not x.grad.any()
+    assert not back_project(torch.ones((1, 20, 24)), ct.ijk_to_ras, x.shape, [g]).any()
+
+
 @pytest.mark.parametrize("oversample", [1, 2])
 def test_rays_stop_at_a_detector_inside_the_volume(oversample):
     """With the detector cutting through a unit-attenuation box, each ray integrates from where it enters the box
