@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="phantom seed")
     r.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
     r.add_argument("--view", type=_view, action="append", metavar="AZ,EL",
-                   help="azimuth (LAO+) and elevation (cranial+) in degrees; repeatable")
+                   help="azimuth (LAO+) and elevation (cranial+, 0 when left out) in degrees; repeatable")
     r.add_argument("--views", metavar="SET", help="arc:START:STOP:STEP[:EL] or hemisphere:N")
     r.add_argument("--preset", default="svdrr-lidc", choices=preset_names())
     r.add_argument("--sad", type=float, help="source-to-isocenter distance, mm")
