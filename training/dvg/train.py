@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import time
@@ -40,12 +39,12 @@ from SVDRRLogic.models.recon_folder import load_module
 from SVDRRLogic.models.svdrr import ModelLoadError
 
 from ..svdrr.dist import cpu_only, partial_state
+from ..svdrr.train import checkpoints
 from .config import STAGES, config_name, load_config, model_config
 from .data import Cases, Conditioner, DataError, batch_indices, step_generator
 from .stages import STAGE_CLASSES, StageError
 
 log = logging.getLogger("training.dvg.train")
-CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 RUN_FILE, DONE_FILE, METRICS_FILE = "run.json", "done.json", "metrics.jsonl"
 
 
@@ -70,16 +69,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set diffusion.steps=1000 (repeatable)")
     return ap.parse_args(argv)
-
-
-def checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    found = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = CHECKPOINT.match(p.name)
-            if m and p.is_dir():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
 
 
 def finished_step(stage_dir: Path) -> int | None:
