@@ -10,11 +10,13 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .attenuation import HU_MODELS, OUTPUTS
 from .geometry import CArmGeometry, GeometryError, parse_view_set, preset_names
+from .images import ImageWarning
 
 FORMATS = ("nrrd", "nii.gz", "png", "dcm")
 _NUMBER_LIST = re.compile(r"^-\d*\.?\d+(e-?\d+)?(,-?\d*\.?\d+(e-?\d+)?)*$")
@@ -224,9 +226,7 @@ def cmd_render(args) -> int:
         from .phantoms import chest_phantom
         ct = chest_phantom(seed=args.seed)
     else:
-        ct = load_ct(args.ct, series_uid=args.series)
-    if args.intensity == "mu":
-        ct.units = "mu"
+        ct = load_ct(args.ct, series_uid=args.series, units=args.intensity)
     base = _geometry(args, ct)
     written = render_views(ct, base, _angles(args), args.output_dir, fmt=args.format, output=args.output,
                            hu_model=args.hu_model, device=args.device, batch=args.batch)
@@ -343,13 +343,21 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings reach a command-line user as one line, like errors (an input's own problems without a label)."""
+    label = "" if issubclass(category, ImageWarning) else f"{category.__name__}: "
+    print(f"svdrr: warning: {label}{str(message).strip().splitlines()[0]}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     commands = {"render": cmd_render, "synthesize": cmd_synthesize, "reconstruct": cmd_reconstruct,
                 "bench": cmd_bench, "bench-recon": cmd_bench_recon, "demo": cmd_demo, "models": cmd_models}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print("svdrr: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,11 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message names the source and the problem in one line."""
 
 
+class ImageWarning(UserWarning):
+    """An image was loaded but something about it deserves attention (gantry tilt, uneven slices, resampling,
+    values unlike HU); the message names the source and the problem in one line."""
+
+
 @dataclass
 class CTVolume:
     """A CT (or any scalar volume) indexed ``array_hu[k, j, i]``, with ``ijk_to_ras`` mapping (i, j, k, 1) to RAS mm.
@@ -82,6 +87,14 @@ class XRayImage:
         if len(sp) != 2 or not all(np.isfinite(sp)) or min(sp) <= 0 or max(sp) > 100:
             raise ImageError(f"{self.source}: absurd pixel spacing {self.pixel_spacing} mm")
         self.pixel_spacing = sp  # type: ignore[assignment]
+
+
+def hu_doubt(lo: float, hi: float) -> str | None:
+    """Why a volume whose values span ``lo``..``hi`` does not look like a CT in Hounsfield units (a CT holds air
+    near -1000 and tissue above 0; a label map or an MR image does not), or None when it does."""
+    if lo > -200.0 or hi < 0.0:
+        return f"values {lo:.0f}..{hi:.0f} do not look like Hounsfield units: DRRs will not be realistic"
+    return None
 
 
 def check_volume(array: np.ndarray, ijk_to_ras: np.ndarray, source: str) -> None:

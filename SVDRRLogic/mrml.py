@@ -20,7 +20,7 @@ import vtk
 
 from .attenuation import MU_WATER_PER_MM
 from .geometry import CArmGeometry, GeometryError
-from .images import CTVolume, ImageError, XRayImage
+from .images import CTVolume, ImageError, XRayImage, hu_doubt
 from .mrml_carm import CArmDisplay, cone_points, detector_corners
 from .mrml_scene import (
     ATTR_GEOMETRY,
@@ -28,6 +28,7 @@ from .mrml_scene import (
     ATTR_METADATA,
     ATTR_SOURCE,
     ATTR_SYNTHETIC,
+    ATTR_WINDOW_LEVEL,
     ATTR_UNITS,
     ATTR_VIEW,
     SYNTHETIC_SUFFIX,
@@ -75,6 +76,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DRR_KINDS = ("DRR", "Synthesized X-ray", "X-ray")
+#: The kinds of output a new image may replace: SVDRR's own synthetic images, never an X-ray ("X-ray" marks an
+#: acquired film shown on its detector, an input).
+REPLACEABLE_KINDS = ("DRR", "Synthesized X-ray")
 #: Window/level presets offered for CT volumes in HU (window, level): soft tissue (default), lung, bone, brain.
 CT_WINDOW_PRESETS = ((400.0, 40.0), (1500.0, -600.0), (1800.0, 400.0), (80.0, 40.0))
 
@@ -115,10 +119,8 @@ def classify_volume_node(node) -> tuple[str, str]:
     size = "x".join(map(str, dims))
     if (node.GetAttribute(ATTR_UNITS) or "hu") == "mu":
         return "ct", f"CT volume {size}, attenuation range {lo:.4g}..{hi:.4g} /mm"
-    reason = f"CT volume {size}, HU range {lo:.0f}..{hi:.0f}"
-    if lo > -200.0 or hi < 0.0:
-        reason += " (values do not look like Hounsfield units: DRRs will not be realistic)"
-    return "ct", reason
+    doubt = hu_doubt(lo, hi)
+    return "ct", f"CT volume {size}, HU range {lo:.0f}..{hi:.0f}" + (f" ({doubt})" if doubt else "")
 
 
 _KIND_ERRORS = {"ct": ("xray", "is a 2D image, not a CT", "a CT"),
@@ -198,9 +200,10 @@ def show_drr(scene, image: np.ndarray, geometry: CArmGeometry, name: str = "DRR"
     Creates a node, or updates ``node`` in place (live re-render; the size may change, e.g. a reduced preview
     resolution). ``node`` must be an SVDRR output or an empty volume node: any other node is refused, so inputs
     are never overwritten. IJK-to-RAS is ``geometry.detector_ijk_to_ras`` (voxel (i, j, 0) sits on the centre of
-    detector pixel (col i, row j)); window/level is ``window_level`` or the 1..99 percentile range.
-    Attributes: ``SVDRR.Geometry``, ``SVDRR.Synthetic``, ``SVDRR.Kind``; new synthetic nodes get ``' (synthetic)'``
-    appended to ``name`` (an updated node keeps the name the user may have given it).
+    detector pixel (col i, row j)). Window/level is ``window_level``, else the 1..99 percentile range, except on an
+    updated node whose window/level the user changed since SVDRR set it: live re-rendering keeps what they chose.
+    Attributes: ``SVDRR.Geometry``, ``SVDRR.Synthetic``, ``SVDRR.Kind``. A synthetic image's node name always ends
+    in ``' (synthetic)'``: a new node is ``name`` with it, an updated one keeps the name the user gave it, with it.
     """
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 3 and pixels.shape[0] == 1:
@@ -218,7 +221,10 @@ def show_drr(scene, image: np.ndarray, geometry: CArmGeometry, name: str = "DRR"
         node.SetName(synthetic_name(name, synthetic))
         scene.AddNode(node)
     else:
-        _check_output_node(scene, node, DRR_KINDS)
+        _check_output_node(scene, node, REPLACEABLE_KINDS)
+        node.SetName(synthetic_name(node.GetName(), synthetic))
+    if window_level is None and not _user_window_level(node):
+        window_level = auto_window_level(pixels)
     was = node.StartModify()
     try:
         set_volume_array(node, pixels[None])
@@ -227,10 +233,21 @@ def show_drr(scene, image: np.ndarray, geometry: CArmGeometry, name: str = "DRR"
             node.SetAndObserveTransformNodeID(None)  # our output: its geometry is the detector's, nothing else
         _tag(node, kind, synthetic, source)
         set_json_attribute(node, ATTR_GEOMETRY, geometry.to_dict())
+        if window_level is not None:
+            set_json_attribute(node, ATTR_WINDOW_LEVEL, [float(x) for x in window_level])
     finally:
         node.EndModify(was)
-    ensure_volume_display(scene, node, window_level or auto_window_level(pixels))
+    ensure_volume_display(scene, node, window_level)
     return node
+
+
+def _user_window_level(node) -> bool:
+    """True when the node's display shows another window/level than the one SVDRR last set on it."""
+    display = node.GetDisplayNode()
+    applied = get_json_attribute(node, ATTR_WINDOW_LEVEL)
+    if display is None or not isinstance(applied, list) or len(applied) != 2:
+        return False
+    return not np.allclose([display.GetWindow(), display.GetLevel()], applied, rtol=1e-6, atol=1e-9)
 
 
 def _check_output_node(scene, node, kinds: Sequence[str]) -> None:
@@ -242,7 +259,7 @@ def _check_output_node(scene, node, kinds: Sequence[str]) -> None:
         raise ValueError(f"output node '{node.GetName()}' belongs to another scene")
     image = node.GetImageData()
     empty = image is None or image.GetPointData().GetScalars() is None
-    if not empty and node.GetAttribute(ATTR_KIND) not in kinds:
+    if not empty and (node.GetAttribute(ATTR_KIND) not in kinds or node.GetAttribute(ATTR_SYNTHETIC) != "true"):
         raise ValueError(f"refusing to overwrite '{node.GetName()}': it holds data SVDRR did not make "
                          f"(inputs are never modified); choose a new or empty output volume")
 

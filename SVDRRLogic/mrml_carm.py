@@ -92,16 +92,25 @@ class CArmDisplay:
         nothing (a source point dragged before saving stays where it was).
         """
         found = {}
-        for i in range(scene.GetNumberOfNodes()):
-            node = scene.GetNthNode(i)
-            if node.GetAttribute(ATTR_CARM) == name and node.GetAttribute(ATTR_ROLE) in ROLES:
-                found.setdefault(node.GetAttribute(ATTR_ROLE), node)
+        for node in _nodes_of(scene, name):
+            found.setdefault(node.GetAttribute(ATTR_ROLE), node)
         if set(found) != set(ROLES):
             return None
         display = cls(scene, name, _nodes=found)
         image = display.detector_node.GetNodeReference(IMAGE_REFERENCE)
         if image is not None:
             display.set_image(image)
+        return display
+
+    @classmethod
+    def in_scene(cls, scene, name: str = "C-arm") -> CArmDisplay:
+        """The display named ``name``: restored from ``scene``, or made anew when it is missing or the user deleted
+        some of its nodes (whose remains are removed first, so a scene never holds two half C-arms)."""
+        display = cls.from_scene(scene, name)
+        if display is None:
+            for node in _nodes_of(scene, name):
+                remove_node_and_helpers(scene, node)
+            display = cls(scene, name)
         return display
 
     def _create_nodes(self) -> dict:
@@ -225,6 +234,12 @@ class CArmDisplay:
             self.detector_node.GetDisplayNode().SetTextureImageDataConnection(None)
         for node in self.nodes.values():
             remove_node_and_helpers(self.scene, node)
+
+
+def _nodes_of(scene, name: str) -> list:
+    """The nodes of the C-arm display ``name`` in ``scene``."""
+    nodes = (scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes()))
+    return [n for n in nodes if n.GetAttribute(ATTR_CARM) == name and n.GetAttribute(ATTR_ROLE) in ROLES]
 
 
 def _polydata(n_points: int, polys=(), lines=()):

@@ -36,6 +36,7 @@ ATTR_UNITS = "SVDRR.Units"            # CT voxel units: "hu" or "mu"
 ATTR_METADATA = "SVDRR.Metadata"      # JSON of CTVolume.metadata
 ATTR_SOURCE = "SVDRR.Source"          # where the image came from (file, model, renderer)
 ATTR_VIEW = "SVDRR.ViewIndex"         # position of an orbit item in the list the caller gave
+ATTR_WINDOW_LEVEL = "SVDRR.WindowLevel"  # [window, level] SVDRR last set on a DRR (a different one is the user's)
 SYNTHETIC_SUFFIX = " (synthetic)"
 #: Node reference role from a reconstructed CT to the CT it is shown beside (the CT its X-rays were rendered from).
 REFERENCE_CT_ROLE = "SVDRR.ReferenceCT"
@@ -237,7 +238,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def synthetic_name(name: str, synthetic: bool) -> str:
-    return name + SYNTHETIC_SUFFIX if synthetic and not name.endswith(SYNTHETIC_SUFFIX) else name
+    """``name`` ending in the synthetic mark once (a name built from a synthetic node's name, e.g. "phantom
+    (synthetic) orbit", carries it only at the end)."""
+    return name.replace(SYNTHETIC_SUFFIX, "").rstrip() + SYNTHETIC_SUFFIX if synthetic else name
 
 
 def remove_node_and_helpers(scene, node) -> None:
@@ -273,7 +276,10 @@ def save_scene_bundle(scene, path: str | os.PathLike) -> Path:
     new_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     url, root, cwd = scene.GetURL(), scene.GetRootDirectory(), os.getcwd()
-    staging = Path(tempfile.mkdtemp(prefix=".svdrr-save-", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".svdrr-save-", dir=path.parent))
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write in {path.parent}: {exc.strerror or exc}") from None
     try:
         target = staging / (_BRACKETS.sub("_", path.stem) + ".mrb")
         messages = slicer.vtkMRMLMessageCollection()

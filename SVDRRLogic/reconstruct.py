@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import ImageError, XRayImage
-from .io import load_xray, write_ct, write_image
+from .io import kind_of, load_xray, write_ct, write_image
 from .io.common import atomic_output, first_line, geometry_from_metadata
 from .synthesize import Progress, Reporter, resolve_model
 from .weights import WeightsError
@@ -202,10 +202,10 @@ def _write_intermediates(folder: Path, result, manifest: dict) -> list[str]:
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
     written = []
     for i, image in enumerate(result.inputs):
-        written.append(write_image(folder / f"input_{i}.nrrd", image, format="nrrd").name)
+        written.append(write_image(folder / f"input_{i}.nrrd", image, format="nrrd", kind=kind_of(image)).name)
     for name, item in result.intermediates.items():
         if isinstance(item, XRayImage):
-            written.append(write_image(folder / f"{name}.nrrd", item, format="nrrd", synthesized=True).name)
+            written.append(write_image(folder / f"{name}.nrrd", item, format="nrrd", kind="synthesized").name)
         else:
             written.append(write_ct(folder / f"{name}.nii.gz", item).name)
     with atomic_output(folder / MANIFEST_NAME, ".json") as tmp:

@@ -19,7 +19,7 @@ from . import mrml
 from .geometry import CArmGeometry, GeometryError, parse_view_set
 from .images import CTVolume
 from .io import load_xray, write_ct, write_image
-from .mrml_scene import world_ijk_to_ras
+from .mrml_scene import ATTR_KIND, ATTR_SYNTHETIC, world_ijk_to_ras
 from .renderer import DRRRenderer, describe_device, resolve_device
 
 CARM_NAME = "SVDRR C-arm"
@@ -83,10 +83,10 @@ class DRRSession:
 
     @property
     def carm(self):
-        """The C-arm display (found again in the scene after a reload, created when missing)."""
-        if self._carm is None or self._carm.source_node.GetScene() is not self.scene:
-            self._carm = mrml.CArmDisplay.from_scene(self.scene, self.carm_name) or \
-                mrml.CArmDisplay(self.scene, self.carm_name)
+        """The C-arm display (found again in the scene after a reload, made anew when the user deleted any of its
+        nodes)."""
+        if self._carm is None or not self._carm.exists():
+            self._carm = mrml.CArmDisplay.in_scene(self.scene, self.carm_name)
         return self._carm
 
     def geometry_for(self, preset: str, **settings) -> CArmGeometry:
@@ -172,6 +172,19 @@ def add_chest_phantom(scene, name: str = "SVDRR chest phantom", volume_rendering
     ct = chest_phantom(**phantom)
     return mrml.add_ct_volume_node(scene, ct, name=name, synthetic=True, kind="Phantom CT",
                                    volume_rendering_logic=volume_rendering_logic)
+
+
+def default_input_node(scene):
+    """The volume the panel starts on: the first CT or X-ray in the scene that SVDRR did not make (a loaded image
+    or the sample phantom), or None."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for i in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(i)
+        if node.GetAttribute(ATTR_SYNTHETIC) == "true" and node.GetAttribute(ATTR_KIND) != "Phantom CT":
+            continue
+        if mrml.classify_volume_node(node)[0] != "unsupported":
+            return node
+    return None
 
 
 def _node_key(node) -> tuple:

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import mrml, weights
 from .geometry import CArmGeometry, GeometryError
 from .images import ImageError
-from .io import write_image
+from .io import kind_of, write_image
 from .mrml_scene import ATTR_METADATA, ATTR_SOURCE, ATTR_VIEW, set_json_attribute
 from .session import check_view_spec, load_orbit
 
@@ -126,15 +126,19 @@ def synthesis_job(xray_path: str | os.PathLike, model: str | os.PathLike, views:
 
 
 def write_xray_input(node, path: str | os.PathLike) -> Path:
-    """The X-ray of a volume node as a float NRRD for the worker (``mrml.xray_from_volume_node``); a DRR made by
-    SVDRR keeps its C-arm geometry, so the views are synthesized around the same isocenter, from its angles."""
+    """The X-ray of a volume node as a float NRRD for the worker (``mrml.xray_from_volume_node``), marked synthetic
+    only when the node is; a DRR made by SVDRR keeps its C-arm geometry, so the views are synthesized around the
+    same isocenter, from its angles. A blank image fails here, naming the node, before any job starts."""
     xray = mrml.xray_from_volume_node(node)
+    lo, hi = float(xray.array.min()), float(xray.array.max())
+    if not hi > lo:
+        raise ImageError(f"'{node.GetName()}' is blank (every pixel is {lo:g}); there is nothing to work from")
     geometry = mrml.geometry_from_node(node)
     if geometry is not None and geometry.shape != xray.array.shape:
         geometry = None  # the voxels were replaced since SVDRR wrote them: the stored view no longer applies
     if geometry is None:
         xray.metadata.pop("geometry", None)
-    return write_image(path, xray, geometry, format="nrrd")
+    return write_image(path, xray, geometry, format="nrrd", kind=kind_of(xray))
 
 
 @dataclass

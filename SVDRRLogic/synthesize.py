@@ -2,7 +2,7 @@
 
 Shared by the command line (``svdrr synthesize``), the worker (task ``synthesize_views``), the Slicer module (through
 the worker) and ``svdrr demo``, so every route writes the same files: one image per view (``write_image(...,
-synthesized=True)``: marked synthetic, placed with the C-arm geometry of its view) and ``synthesis.json``, written
+kind="synthesized")``: marked synthetic, placed with the C-arm geometry of its view) and ``synthesis.json``, written
 last and atomically, so its presence means the set is complete. Its ``views`` records have the layout of the DRR
 ``views.json`` (``index``, ``file`` and the view's geometry), so the same reader imports both.
 
@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import weights
@@ -144,6 +144,9 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     if fmt not in IMAGE_FORMATS:
         raise ImageError(f"unknown output format {fmt!r}; choose one of {', '.join(IMAGE_FORMATS)}")
     image = xray if isinstance(xray, XRayImage) else load_xray(xray)
+    file = image.source
+    if input_label:  # errors then name what the user chose, not a file handed over to a worker
+        image = replace(image, source=str(input_label))
     stored = geometry_from_metadata(image.metadata)
     source_view = _pair(source_view, "source_view") if source_view is not None else (
         (stored.azimuth, stored.elevation) if stored is not None else (0.0, 0.0))
@@ -202,14 +205,14 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
             meta = {**meta, "kind": KIND, "model_folder": str(choice.folder), "demo_model": choice.demo}
             item = XRayImage(array, pixel_spacing=(geom.pixel[1], geom.pixel[0]), metadata=meta,
                              ijk_to_ras=geom.detector_ijk_to_ras, source=name)
-            written.append(write_image(out / name, item, geometry=geom, format=fmt, synthesized=True))
+            written.append(write_image(out / name, item, geometry=geom, format=fmt, kind="synthesized"))
             records.append({"index": i, "file": name, **geom.to_dict(), "relative_pose": meta["relative_pose"],
                             "metadata": meta})
             report(fraction((number + 1) * steps), f"wrote {name}")
 
     manifest = {
         "synthetic": True, "note": NOTE, "kind": KIND,
-        "input": {"file": image.source, "label": input_label or image.source,
+        "input": {"file": file, "label": input_label or file,
                   "geometry": stored.to_dict() if stored is not None else None,
                   "synthetic": bool(image.metadata.get("synthetic", False))},
         "model": choice.describe(), "demo_model": choice.demo, "resolution": pipe.resolution,

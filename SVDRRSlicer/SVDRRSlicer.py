@@ -18,13 +18,13 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
@@ -236,7 +236,7 @@ class SVDRRSlicerParameterNode:
     reconstructionOutputDirectory - each reconstruction is written into a time-stamped sub-folder of this folder.
     """
 
-    inputVolume: Optional[vtkMRMLScalarVolumeNode]
+    inputVolume: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
     geometryPreset: Annotated[str, Choice(PRESET_NAMES)] = DEFAULT_PRESET
     sourceAxisDistance: Annotated[float, WithinRange(10.0, 10000.0)] = 1650.0
     sourceDetectorDistance: Annotated[float, WithinRange(11.0, 20000.0)] = 1800.0
@@ -254,7 +254,7 @@ class SVDRRSlicerParameterNode:
     orbitFormat: Annotated[str, Choice(ORBIT_FORMATS)] = "nrrd"
     orbitOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
     exportPath: Annotated[pathlib.Path, Default(generator=lambda: _outputFolder() / "drr.png")]
-    synthesisInput: Optional[vtkMRMLScalarVolumeNode]
+    synthesisInput: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
     synthesisModel: Annotated[str, Choice(SVDRR_MODEL_NAMES)] = DEFAULT_SVDRR_MODEL
     synthesisModelFolder: pathlib.Path
     synthesisAzimuth: Annotated[float, WithinRange(-180.0, 180.0)] = 30.0
@@ -265,8 +265,8 @@ class SVDRRSlicerParameterNode:
     synthesisSeed: Annotated[int, WithinRange(0, 2147483647)] = 0
     synthesisOutputDirectory: Annotated[pathlib.Path, Default(generator=_outputFolder)]
     reconstructionMethod: Annotated[str, Choice(RECONSTRUCTION_METHODS)] = "DVG-Diffusion"
-    reconstructionInput1: Optional[vtkMRMLScalarVolumeNode]
-    reconstructionInput2: Optional[vtkMRMLScalarVolumeNode]
+    reconstructionInput1: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
+    reconstructionInput2: Optional[Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]]
     reconstructionAzimuth1: Annotated[float, WithinRange(-180.0, 180.0)] = 0.0
     reconstructionElevation1: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
     reconstructionAzimuth2: Annotated[float, WithinRange(-180.0, 180.0)] = 90.0
@@ -390,9 +390,7 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.GetAttribute("SVDRR.Kind"):
-                self._parameterNode.inputVolume = firstVolumeNode
+            self._parameterNode.inputVolume = self.logic.defaultInputNode()
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -635,10 +633,10 @@ class SVDRRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.debug(f"SVDRR render failed: {exc}")
             return
         elapsed = time.perf_counter() - started
+        if not preview:  # before the output is set, whose parameter change would otherwise render it again
+            self._lastRenderKey = self._renderKey()
         if p.drrVolume is not node:
             p.drrVolume = node
-        if not preview:
-            self._lastRenderKey = self._renderKey()
         self._observeSource(session.carm.source_node)
         self.logic.showInSliceView(node, fit=not preview)
         shown = session.geometry
@@ -938,6 +936,15 @@ class SVDRRSlicerLogic(ScriptedLoadableModuleLogic):
         kind, reason = classify_volume_node(node)
         label = {"ct": _("CT"), "xray": _("X-ray"), "unsupported": _("Not usable")}[kind]
         return kind, f"{label}: {reason}"
+
+    def defaultInputNode(self):
+        """The volume the panel starts on (``session.default_input_node``); before SVDRR's packages are installed,
+        hence before it can have made any image, the first volume."""
+        if not self.dependenciesMet():
+            return slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        from SVDRRLogic.session import default_input_node
+
+        return default_input_node(slicer.mrmlScene)
 
     def loadChestPhantom(self, name=SAMPLE_NAME, **phantom):
         """SVDRR's sample: a procedural chest CT (synthetic, no patient data) as a new volume node."""

@@ -19,7 +19,7 @@ slicer = pytest.importorskip("slicer", reason="the batch script needs slicer-cor
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' module is not slicer-core", allow_module_level=True)
 
-from SVDRRLogic import CArmGeometry, mrml  # noqa: E402
+from SVDRRLogic import CArmGeometry, CTVolume, mrml  # noqa: E402
 from SVDRRLogic.io import load_xray, write_ct  # noqa: E402
 from SVDRRLogic.mrml_carm import IMAGE_REFERENCE  # noqa: E402
 from SVDRRLogic.mrml_scene import ATTR_KIND, ATTR_VIEW  # noqa: E402
@@ -160,6 +160,16 @@ def test_bad_arguments_as_a_user_runs_them(tmp_path):
     for case, (folder, process) in runs.items():
         stdout, stderr = process.communicate(timeout=300)
         check_one_line_and_nothing_written(process.returncode, stdout, stderr, folder, BAD[case][1])
+
+
+def test_a_label_map_as_ct_renders_with_a_one_line_warning(tmp_path):
+    labels = np.zeros((10, 10, 10), np.float32)
+    labels[2:8, 2:8, 2:8] = 5.0
+    path = write_ct(tmp_path / "labels.nii.gz", CTVolume(labels, np.diag([5.0, 5.0, 5.0, 1.0])))
+    code, _, stderr = run_batch("render", path, *SMALL, "-o", tmp_path / "out")
+    assert code == 0, stderr
+    assert stderr.startswith("SVDRRBatch: warning: ") and stderr.count("\n") == 1, stderr
+    assert "values 0..5 do not look like Hounsfield units" in stderr
 
 
 @pytest.mark.parametrize("args, message", [

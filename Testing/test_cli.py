@@ -59,6 +59,21 @@ def test_mu_intensity_gives_exact_line_integrals(tmp_path, capsys):
     assert img[4, 4] == pytest.approx(80 * 0.02, rel=1e-3)
 
 
+def test_a_label_map_given_as_ct_renders_with_a_one_line_warning(tmp_path, capsys):
+    from SVDRRLogic.images import CTVolume
+    from SVDRRLogic.io import write_ct
+    labels = np.zeros((12, 12, 12), np.float32)
+    labels[3:9, 3:9, 3:9] = 2.0
+    write_ct(tmp_path / "labels.nii.gz", CTVolume(labels, np.diag([4.0, 4.0, 4.0, 1.0])))
+    code, _, err = run(capsys, "render", str(tmp_path / "labels.nii.gz"), "-o", str(tmp_path / "out"),
+                       "--detector", "8,8", "--pixel", "8", "--device", "cpu")
+    assert code == 0 and err.count("\n") == 1, err
+    assert err.startswith("svdrr: warning: ") and "values 0..2 do not look like Hounsfield units" in err, err
+    code, _, err = run(capsys, "render", str(tmp_path / "labels.nii.gz"), "-o", str(tmp_path / "mu"), "--intensity",
+                       "mu", "--detector", "8,8", "--pixel", "8", "--device", "cpu")
+    assert code == 0 and err == "", err  # attenuation values are not checked as HU
+
+
 @pytest.mark.parametrize("argv,message", [
     (["render", "/nonexistent/ct.nii.gz", "-o", "{tmp}"], "does not exist"),
     (["render", "--phantom", "chest", "-o", "{tmp}", "--view", "abc"], "--view"),

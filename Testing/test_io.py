@@ -24,7 +24,7 @@ from pydicom.valuerep import DSfloat
 
 from SVDRRLogic.geometry import CArmGeometry
 from SVDRRLogic.images import CTVolume, ImageError, XRayImage
-from SVDRRLogic.io import (AIR_HU, SYNTHETIC_MARK, ImageWarning, list_dicom_series, load_ct, load_xray,
+from SVDRRLogic.io import (AIR_HU, SYNTHETIC_MARK, ImageWarning, kind_of, list_dicom_series, load_ct, load_xray,
                            patient_orientation, write_ct, write_image)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,12 +71,14 @@ def write_ct_slice(path: Path, stored: np.ndarray, position, *, series_uid: str,
 
 def write_series(folder: Path, positions, *, series_uid: str = "1.2.3.4.100", orientation=AXIAL,
                  shape=(16, 16), description: str = "chest", order=None) -> np.ndarray:
-    """Slices k = 0..n-1 at ``positions`` with stored value 400 + 10 k + 3 j + i, written in ``order`` (file names
-    do not follow slice order). Returns the expected HU volume [k, j, i]."""
+    """Slices k = 0..n-1 at ``positions`` with stored value 400 + 10 k + 3 j + i, with air (0) in the first and
+    bone (900) in the last voxel of each slice, as a CT has, written in ``order`` (file names do not follow slice
+    order). Returns the expected HU volume [k, j, i]."""
     folder.mkdir(parents=True, exist_ok=True)
     n = len(positions)
     kk, jj, ii = np.meshgrid(np.arange(n), np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     stored = 400 + 10 * kk + 3 * jj + ii
+    stored[:, 0, 0], stored[:, -1, -1] = 0, 900
     for name, k in enumerate(order if order is not None else range(n)):
         write_ct_slice(folder / f"IM{name:04d}.dcm", stored[k], positions[k], series_uid=series_uid,
                        orientation=orientation, description=description)
@@ -381,7 +383,7 @@ def test_patient_orientation_letters():
 def test_dicom_writer_round_trip(tmp_path, synthesized):
     g = CArmGeometry(azimuth=30.0, elevation=-10.0, detector=(12, 9), pixel=(0.7, 0.8), isocenter=(1.0, 2.0, 3.0))
     image = drr(g)
-    path = write_image(tmp_path / "view.dcm", image, g, synthesized=synthesized)
+    path = write_image(tmp_path / "view.dcm", image, g, kind="synthesized" if synthesized else "drr")
     xr = load_xray(path)
     step = (image.max() - image.min()) / 65535
     np.testing.assert_allclose(xr.array, image, atol=step)
@@ -423,10 +425,25 @@ def test_volume_writer_places_image_on_the_detector(tmp_path, suffix):
     assert back.metadata["synthetic"]
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".png"])
+def test_an_acquired_xray_handed_on_stays_unmarked_and_keeps_its_kind(tmp_path, suffix):
+    film = XRayImage(np.arange(30, dtype=np.float32).reshape(5, 6), (0.2, 0.3), source="film")
+    copy = load_xray(write_image(tmp_path / f"copy{suffix}", film, kind=kind_of(film)))
+    assert kind_of(film) == "xray" and not copy.metadata["synthetic"] and kind_of(copy) == "xray"
+    np.testing.assert_allclose(copy.array, film.array, atol=30 / 65535)
+    view = load_xray(write_image(tmp_path / f"view{suffix}", film.array, CArmGeometry(detector=(6, 5)),
+                                 kind="synthesized"))
+    assert view.metadata["synthetic"] and kind_of(view) == "synthesized"
+    with pytest.raises(ImageError, match="DICOM only of images it made"):
+        write_image(tmp_path / "copy.dcm", film, kind="xray")
+    with pytest.raises(ValueError, match="unknown image kind"):
+        write_image(tmp_path / "copy.nrrd", film, kind="photo")
+
+
 def test_png_writer_round_trip(tmp_path):
     g = CArmGeometry(azimuth=10.0, detector=(9, 6), pixel=(0.5, 0.6))
     image = drr(g)
-    path = write_image(tmp_path / "drr.png", XRayImage(image, (0.6, 0.5)), g, synthesized=True)
+    path = write_image(tmp_path / "drr.png", XRayImage(image, (0.6, 0.5)), g, kind="synthesized")
     picture = Image.open(path)
     assert picture.mode == "I;16" and picture.text["svdrr:synthetic"] == SYNTHETIC_MARK
     assert json.loads(picture.text["svdrr:geometry"])["azimuth"] == 10.0

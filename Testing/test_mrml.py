@@ -26,6 +26,7 @@ from SVDRRLogic import (
     ImageError,
     mrml,
 )
+from SVDRRLogic.mrml_carm import ROLES
 from SVDRRLogic.mrml_scene import array_from_image, image_from_array, numpy_matrix, vtk_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,9 +157,32 @@ def test_show_drr_refuses_bad_input_and_foreign_nodes(scene, geometry):
     with pytest.raises(ValueError, match="refusing to overwrite"):
         mrml.show_drr(scene, image_for(geometry), geometry, node=ct_node)
     assert snapshot(ct_node) == before
-    empty = slicer.vtkMRMLScalarVolumeNode()  # an empty user-chosen output node is fine
+    empty = slicer.vtkMRMLScalarVolumeNode()  # an empty user-chosen output node is fine, and named synthetic
+    empty.SetName("my output")
     scene.AddNode(empty)
     assert mrml.show_drr(scene, image_for(geometry), geometry, node=empty) is empty
+    assert empty.GetName() == "my output" + mrml.SYNTHETIC_SUFFIX
+    # an acquired film shown on its detector is an input too, although SVDRR made the node
+    film = mrml.show_drr(scene, image_for(geometry), geometry, name="film", synthetic=False, kind="X-ray")
+    before = snapshot(film)
+    with pytest.raises(ValueError, match="refusing to overwrite 'film'"):
+        mrml.show_drr(scene, image_for(geometry, seed=3), geometry, node=film)
+    assert snapshot(film) == before
+
+
+def test_rerendering_keeps_a_window_level_the_user_chose(scene, geometry):
+    node = mrml.show_drr(scene, image_for(geometry), geometry)
+    display = node.GetDisplayNode()
+    turned = geometry.with_view(20.0, 0.0)
+    brighter = image_for(turned, seed=1) * 3.0
+    mrml.show_drr(scene, brighter, turned, node=node)  # still automatic: follows the new image
+    lo, hi = np.percentile(brighter, [1, 99])
+    assert display.GetWindow() == pytest.approx(hi - lo, rel=1e-5)
+    display.SetWindowLevel(0.25, 0.5)  # the user sets it in the Volumes module
+    mrml.show_drr(scene, image_for(geometry, seed=2), geometry, node=node)
+    assert (display.GetWindow(), display.GetLevel()) == (0.25, 0.5)
+    mrml.show_drr(scene, image_for(geometry, seed=2), geometry, node=node, window_level=(4.0, 1.0))
+    assert (display.GetWindow(), display.GetLevel()) == (4.0, 1.0)  # an explicit one still applies
 
 
 # -- reading nodes ------------------------------------------------------------------------------------------------
@@ -401,6 +425,13 @@ def test_carm_image_texture_and_from_scene(scene, geometry):
     assert not again.exists() and mrml.CArmDisplay.from_scene(scene, "C-arm") is None
     carm.set_image(None)
     assert display.GetTextureImageDataConnection() is None and display.GetOpacity() < 1.0
+    # asked for again, the display is made anew and the remains of the old one are gone: never two half C-arms
+    new = mrml.CArmDisplay.in_scene(scene, "C-arm")
+    assert new.exists() and new.source_node is not carm.source_node and carm.detector_node.GetScene() is None
+    parts = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    assert sorted(n.GetAttribute("SVDRR.CArmRole") for n in parts if n.GetAttribute("SVDRR.CArm") == "C-arm") == \
+        sorted(ROLES)
+    assert mrml.CArmDisplay.in_scene(scene, "C-arm").source_node is new.source_node
 
 
 # -- orbits -------------------------------------------------------------------------------------------------------
@@ -435,6 +466,8 @@ def test_orbit_sequence_indexed_by_view_number_when_not_an_arc(scene, geometry):
     images = np.stack([image_for(g) for g in geoms])
     sequence, _ = mrml.add_orbit_sequence(scene, images, geoms, name="hemisphere", synthetic=False)
     assert sequence.GetIndexName() == "view" and sequence.GetName() == "hemisphere"
+    named, _ = mrml.add_orbit_sequence(scene, images, geoms, name="phantom (synthetic) orbit 1")
+    assert named.GetName() == "phantom orbit 1" + mrml.SYNTHETIC_SUFFIX  # the mark once, at the end
     assert [v for v, _ in mrml.orbit_items(sequence)] == ["0", "1", "2"]
     with pytest.raises(ValueError, match="one geometry per view"):
         mrml.add_orbit_sequence(scene, images[:2], geoms)
@@ -529,6 +562,9 @@ def test_scene_bundle_save_is_atomic_and_checked(scene, geometry, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep [1].mrb"]
     with pytest.raises(ValueError, match=".mrb"):
         mrml.save_scene_bundle(scene, tmp_path / "scene.zip")
+    if Path("/proc/self").is_dir():  # a folder nobody may write in (also root): the error names it, not a temp path
+        with pytest.raises(OSError, match=r"^/proc/x.mrb: cannot write in /proc: "):
+            mrml.save_scene_bundle(scene, "/proc/x.mrb")
     with pytest.raises(FileNotFoundError):
         mrml.load_scene_bundle(tmp_path / "missing.mrb")
     cwd = os.getcwd()

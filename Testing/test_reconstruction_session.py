@@ -160,6 +160,7 @@ def test_views_of_nodes_and_the_inputs_written_for_the_worker(drr_images, tmp_pa
     np.testing.assert_allclose(second.array, drr_images[1][0], rtol=1e-6)
     assert first.metadata["geometry"]["isocenter"] == list(CENTER)   # so the worker places the CT around it
     assert "geometry" not in second.metadata
+    assert first.metadata["synthetic"] and not second.metadata["synthetic"]  # a film stays a film
     # an entered view overrides the stored one
     ((_path, view),) = sr.write_reconstruction_inputs([lateral], tmp_path / "override", [(80.0, 5.0)])
     assert view == (80.0, 5.0)
@@ -174,6 +175,10 @@ def test_views_of_nodes_and_the_inputs_written_for_the_worker(drr_images, tmp_pa
     assert "'Film'" in one_line(err) and "out of range" in str(err.value)
     with pytest.raises(ValueError, match="2 X-ray node"):
         sr.write_reconstruction_inputs([pa, film], tmp_path / "x", [None])
+    blank = plain_xray_node(scene, np.full((6, 5), 7.0), name="Blank")
+    with pytest.raises(ImageError) as err:  # named, before any job starts
+        sr.write_reconstruction_inputs([blank], tmp_path / "x", [(0.0, 0.0)])
+    assert one_line(err) == "'Blank' is blank (every pixel is 7); there is nothing to work from"
     ct = mrml.add_ct_volume_node(scene, CTVolume(np.full((8, 8, 8), -1000.0, np.float32), np.eye(4)),
                                  volume_rendering=False)
     with pytest.raises(ImageError, match="not a 2D X-ray"):

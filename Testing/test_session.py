@@ -17,6 +17,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 from SVDRRLogic import GeometryError, mrml, session  # noqa: E402
 from SVDRRLogic.io import load_xray  # noqa: E402
 from SVDRRLogic.jobs import FINISHED, start_job, write_job_file  # noqa: E402
+from SVDRRLogic.mrml_carm import IMAGE_REFERENCE  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent.parent / "SVDRRSlicer" / "Scripts" / "SVDRRWorker.py"
 SMALL = dict(sad=1650.0, sdd=1800.0, detector=(64, 48), pixel=6.0)
@@ -79,6 +80,35 @@ def test_live_session_renders_previews_and_full_views(scene_and_ct):
     # changing the CT's voxels makes the session stale
     ct_node.GetImageData().Modified()
     assert not drr.is_for(ct_node, "cpu", "physical")
+
+
+@pytest.mark.parametrize("deleted", ["source", "cone", "detector", "ray"])
+def test_a_deleted_carm_part_is_rebuilt_without_leftovers(scene_and_ct, deleted):
+    scene, ct_node = scene_and_ct
+    drr = session.DRRSession(scene, ct_node, device="cpu", carm_name=f"C-arm without {deleted}")
+    g = drr.geometry_for("svdrr-lidc", azimuth=10, elevation=0, **SMALL)
+    node = drr.render(g)
+    scene.RemoveNode(drr.carm.nodes[deleted])  # the user deletes it in the Data module
+    drr.render(g.with_view(20.0, 0.0), output_node=node)
+    assert drr.carm.exists() and drr.carm.geometry.azimuth == 20.0
+    assert drr.carm.detector_node.GetNodeReference(IMAGE_REFERENCE) is node
+    roles = [scene.GetNthNode(i).GetAttribute("SVDRR.CArmRole") for i in range(scene.GetNumberOfNodes())
+             if scene.GetNthNode(i).GetAttribute("SVDRR.CArm") == drr.carm_name]
+    assert sorted(roles) == sorted(("source", "cone", "detector", "ray"))
+    # a new session (another HU model) finds that C-arm instead of adding a second one
+    again = session.DRRSession(scene, ct_node, device="cpu", hu_model="diffdrr", carm_name=drr.carm_name)
+    assert again.carm.source_node is drr.carm.source_node
+
+
+def test_the_panel_starts_on_a_loaded_image_or_the_phantom_never_an_output(scene_and_ct):
+    scene = mrml.new_scene()
+    assert session.default_input_node(scene) is None
+    drr = mrml.show_drr(scene, np.arange(12, dtype=np.float32).reshape(3, 4),
+                        session.view_geometry("svdrr-lidc", (0, 0, 0), azimuth=0, elevation=0, sad=1650, sdd=1800,
+                                              detector=(4, 3), pixel=1.0))
+    assert session.default_input_node(scene) is None and drr.GetAttribute("SVDRR.Kind") == "DRR"
+    phantom = session.add_chest_phantom(scene, shape=(8, 16, 16), spacing=(20.0, 20.0, 30.0))
+    assert session.default_input_node(scene) is phantom
 
 
 def test_inputs_are_never_overwritten(scene_and_ct):

@@ -159,10 +159,35 @@ def test_ui_top_widget_and_scene_connections(ui):
     assert selectors and expected <= connected
 
 
+def test_colour_radiographs_can_be_chosen_where_an_xray_is_read(ui):
+    """Slicer loads an RGB PNG/JPEG radiograph as a vector volume, which a selector of scalar volumes alone hides
+    (showChildNodeTypes is off, to hide label maps); DRR outputs stay scalar. (The parameters' annotations must
+    agree: the parameter node sets a bound selector's types from them.)"""
+    def node_types(name):
+        (widget,) = [w for w in ui.iter("widget") if w.get("name") == name]
+        (prop,) = [p for p in widget.findall("property") if p.get("name") == "nodeTypes"]
+        return [t.text for t in prop.iter("string")]
+
+    for name in ("inputVolumeSelector", "synthesisInputSelector", "reconstructionInput1Selector",
+                 "reconstructionInput2Selector"):
+        assert node_types(name) == ["vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"], name
+    assert node_types("outputVolumeSelector") == ["vtkMRMLScalarVolumeNode"]
+
+
 def parameter_class(tree):
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SVDRRSlicerParameterNode"]
     assert [dotted(d) for d in cls.decorator_list] == ["parameterNodeWrapper"]
     return cls
+
+
+def node_classes(annotation) -> list[str]:
+    """The MRML classes of a node annotation (``vtkMRMLX``, ``Optional[...]``, ``Union[vtkMRMLX, vtkMRMLY]``)."""
+    if isinstance(annotation, ast.Subscript) and dotted(annotation.value) in ("Optional", "typing.Optional"):
+        return node_classes(annotation.slice)
+    if isinstance(annotation, ast.Subscript) and dotted(annotation.value) in ("Union", "typing.Union"):
+        return [c for e in annotation.slice.elts for c in node_classes(e)]
+    name = (dotted(annotation) or "").split(".")[-1]
+    return [name] if name.startswith("vtkMRML") else []
 
 
 def describe_annotation(annotation) -> tuple[str, list[ast.expr]]:
@@ -174,9 +199,9 @@ def describe_annotation(annotation) -> tuple[str, list[ast.expr]]:
         base = annotation
     if isinstance(base, ast.Subscript) and dotted(base.value) in ("Optional", "typing.Optional"):
         base = base.slice
-    name = dotted(base) or ""
-    if name.split(".")[-1].startswith("vtkMRML"):
+    if node_classes(base):
         return "node", extras
+    name = dotted(base) or ""
     if name in ("pathlib.Path", "Path"):
         return "Path", extras
     if name == "str" and any(isinstance(e, ast.Call) and dotted(e.func) == "Choice" for e in extras):
@@ -202,11 +227,11 @@ def test_slicer_parameter_names_map_to_bindable_parameters(tree, ui):
         assert kind in CONNECTABLE[wclass], f"{name}: a {kind} parameter cannot be bound to a {wclass}"
         if wclass in NEEDS_RANGE:
             assert any(isinstance(e, ast.Call) and dotted(e.func) == "WithinRange" for e in extras), name
-        if wclass == "qMRMLNodeComboBox":
-            node_class = dotted(params[name].annotation.slice).split(".")[-1]
+        if wclass == "qMRMLNodeComboBox":  # the parameter node sets the selector's types from the annotation
+            classes = node_classes(params[name].annotation)
             node_types = next(p for p in widget.findall("property") if p.get("name") == "nodeTypes")
             types = [x.text for x in node_types.iter("string")]
-            assert types == [node_class], f"{name}: selector types {types} differ from {node_class}"
+            assert types == classes, f"{name}: selector types {types} differ from {classes}"
 
 
 def module_constants(tree) -> dict:

@@ -19,7 +19,7 @@ from SVDRRLogic import weights  # noqa: E402
 from catalogue_files import embedded_entry  # noqa: E402
 from SVDRRLogic.cli import main  # noqa: E402
 from SVDRRLogic.geometry import CArmGeometry, GeometryError  # noqa: E402
-from SVDRRLogic.images import XRayImage  # noqa: E402
+from SVDRRLogic.images import ImageError, XRayImage  # noqa: E402
 from SVDRRLogic.io import load_xray, write_image  # noqa: E402
 from SVDRRLogic.jobs import FAILED, FINISHED, Job, write_job_file  # noqa: E402
 from SVDRRLogic.models import create_random  # noqa: E402
@@ -218,7 +218,7 @@ def worker_run(model, drr_nrrd, tmp_path_factory):
     return job, events, folder / "out"
 
 
-def test_worker_reports_every_step_and_its_files(worker_run):
+def test_worker_reports_every_step_and_its_files(worker_run, drr_nrrd):
     job, events, out = worker_run
     assert job.state == FINISHED, job.error
     steps = [e["message"] for e in events if e["type"] == "progress" and "step" in e["message"]]
@@ -230,6 +230,14 @@ def test_worker_reports_every_step_and_its_files(worker_run):
     assert result["synthesis_json"] == str(out / MANIFEST_NAME) and result["demo_model"] is False
     assert [Path(p).name for p in result["outputs"]] == [r["file"] for r in manifest_of(out)["views"]]
     assert manifest_of(out)["input"]["label"] == "PA DRR" and manifest_of(out)["seed"] == 5
+    assert manifest_of(out)["input"]["file"] == str(drr_nrrd)
+
+
+def test_errors_name_the_input_label_not_the_handed_over_file(model, tmp_path):
+    handed = write_image(tmp_path / "handover.nrrd", np.ones((16, 16), np.float32))
+    with pytest.raises(ImageError) as err:
+        synthesize_views(handed, model, [(30.0, 0.0)], tmp_path / "out", device="cpu", input_label="Film")
+    assert str(err.value) == "Film: image is constant (1); nothing to condition on"
 
 
 def test_worker_failures_are_one_line(tmp_path, model):

@@ -36,10 +36,6 @@ ITK_SUFFIXES = tuple(ITK_FORMAT_NAMES)
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-class ImageWarning(UserWarning):
-    """An image was loaded but something about it deserves attention (gantry tilt, uneven slices, resampling)."""
-
-
 def existing_path(path: str | os.PathLike) -> Path:
     """The path as a Path, after checking that it exists and, if a file, is not empty (folders are the caller's
     business)."""

@@ -7,23 +7,38 @@ floor of CT scanners, so that a DRR never integrates a fictitious "negative air"
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
-from ..images import CTVolume, ImageError
+from ..images import CTVolume, ImageError, ImageWarning, hu_doubt
 from .common import (AIR_HU, ITK_FORMAT_NAMES, ITK_SUFFIXES, RASTER_SUFFIXES, existing_path, is_dicom_file,
                      suffix_of)
 from .dicom_series import read_dicom_series, series_uid_of
 from .itk import array_of, ijk_to_ras, read_itk, text_metadata
 
-def load_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None, units: str = "hu") -> CTVolume:
     """Load a CT volume in HU from a DICOM folder, one DICOM slice (its whole series is loaded), NIfTI
     (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``, ``.mhd``).
 
     ``series_uid`` picks one series when a DICOM folder holds several (without it that is an ImageError listing
     them). Values below -1024 HU become -1024 HU (air). Problems that were worked around (gantry tilt, uneven
-    slices) are listed in ``metadata["warnings"]``. Anything that is not a CT volume raises ImageError.
+    slices, values that do not look like HU, e.g. a label map) are listed in ``metadata["warnings"]`` and issued as
+    :class:`ImageWarning`. ``units="mu"`` says the voxels hold attenuation in 1/mm (e.g. an analytic phantom), so
+    they are not checked as HU. Anything that is not a CT volume raises ImageError.
     """
-    p = existing_path(path)
+    if units not in ("hu", "mu"):
+        raise ImageError(f"{path}: units must be 'hu' or 'mu', not {units!r}")
+    ct = _load(existing_path(path), series_uid)
+    ct.units = units
+    doubt = hu_doubt(float(ct.array_hu.min()), float(ct.array_hu.max())) if units == "hu" else None
+    if doubt:
+        ct.metadata["warnings"].append(doubt)
+        warnings.warn(f"{ct.source}: {doubt}", ImageWarning, stacklevel=2)
+    return ct
+
+
+def _load(p: Path, series_uid: str | None) -> CTVolume:
     if p.is_dir():
         return read_dicom_series(p, series_uid)
     suffix = suffix_of(p)

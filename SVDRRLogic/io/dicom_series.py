@@ -19,8 +19,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from ..images import CTVolume, ImageError
-from .common import AIR_HU, LPS_TO_RAS, ImageWarning, dicom_pixels, existing_path, is_dicom_file, read_dicom
+from ..images import CTVolume, ImageError, ImageWarning
+from .common import AIR_HU, LPS_TO_RAS, dicom_pixels, existing_path, is_dicom_file, read_dicom
 
 #: Positions closer than this along the normal are the same slice (mm).
 SAME_SLICE_MM = 1e-3

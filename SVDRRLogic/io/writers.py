@@ -22,34 +22,51 @@ from .itk import ITK_FORMATS, ITK_GEOMETRY_KEY, to_itk, write_itk
 from .raster import KEY_GEOMETRY, KEY_KIND, KEY_OFFSET, KEY_SCALE, KEY_SPACING, KEY_SYNTHETIC
 
 IMAGE_FORMATS = {**ITK_FORMATS, "png": ".png", "dcm": ".dcm"}
+#: What :func:`write_image` writes: a DRR, a model-synthesized view (both marked synthetic), an acquired X-ray.
+IMAGE_KINDS = ("drr", "synthesized", "xray")
 
 
 def write_image(path: str | os.PathLike, image: XRayImage | np.ndarray, geometry: CArmGeometry | None = None, *,
-                format: str | None = None, synthesized: bool = False) -> Path:
-    """Write a DRR (or, with ``synthesized=True``, a model-synthesized view) to ``path`` and return the path.
+                format: str | None = None, kind: str = "drr") -> Path:
+    """Write a projection image to ``path`` and return the path.
 
-    ``geometry`` is the C-arm view the image belongs to; without it the view stored in ``image.metadata`` (an
-    image loaded from one of our files) is used; with no view at all, volume formats place the image by its
-    ``ijk_to_ras``, else as a PA film centred on the origin. ``format`` is one of nrrd, nii, nii.gz, mha, png,
-    dcm; by default it follows the extension.
+    ``kind`` says what the image is (:data:`IMAGE_KINDS`): ``drr`` (rendered from a CT) and ``synthesized`` (made
+    by a model) are marked synthetic; ``xray`` is an acquired X-ray handed on unchanged (an input copied for a
+    worker or a record), so it carries no synthetic mark, and SVDRR writes no DICOM of it. ``geometry`` is the
+    C-arm view the image belongs to; without it the view stored in ``image.metadata`` (an image loaded from one of
+    our files) is used; with no view at all, volume formats place the image by its ``ijk_to_ras``, else as a PA
+    film centred on the origin. ``format`` is one of nrrd, nii, nii.gz, mha, png, dcm; by default it follows the
+    extension.
     """
     out = Path(path).expanduser()
     fmt = _format_of(out, format, IMAGE_FORMATS)
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"unknown image kind {kind!r}; choose one of {', '.join(IMAGE_KINDS)}")
+    if kind == "xray" and fmt == "dcm":
+        raise ImageError(f"{out}: SVDRR writes DICOM only of images it made; write an acquired X-ray as "
+                         f"{', '.join(f for f in IMAGE_FORMATS if f != 'dcm')}")
     if geometry is None:
         geometry = geometry_from_metadata(getattr(image, "metadata", {}))
     xray = _as_xray(image, geometry, out)
-    kind = "synthesized" if synthesized else "drr"
     with atomic_output(out, IMAGE_FORMATS[fmt]) as tmp:
         if fmt == "png":
             _write_png(xray, tmp, geometry, kind)
         elif fmt == "dcm":
             write_dicom(xray, tmp, geometry, kind)
         else:
-            fields = {"ITK_FileNotes": SYNTHETIC_MARK, "svdrr_kind": kind}
+            fields = {"svdrr_kind": kind} | ({} if kind == "xray" else {"ITK_FileNotes": SYNTHETIC_MARK})
             if geometry is not None:
                 fields[ITK_GEOMETRY_KEY] = geometry_json(geometry)
             write_itk(to_itk(xray.array[None], _placement(xray, geometry), fields), tmp, out)
     return out
+
+
+def kind_of(image: XRayImage) -> str:
+    """The :data:`IMAGE_KINDS` entry to write ``image`` again as: ``xray`` unless it is synthetic, else what it
+    was made as (``synthesized`` for a model's view, from a file's or a Slicer node's kind; else ``drr``)."""
+    if not image.metadata.get("synthetic"):
+        return "xray"
+    return "synthesized" if str(image.metadata.get("kind", "")).lower().startswith("synthesized") else "drr"
 
 
 def write_ct(path: str | os.PathLike, volume: CTVolume, *, format: str | None = None) -> Path:
@@ -113,7 +130,8 @@ def _write_png(xray: XRayImage, path: Path, geometry: CArmGeometry | None, kind:
     info = PngInfo()
     info.add_text(KEY_OFFSET, repr(offset))
     info.add_text(KEY_SCALE, repr(scale))
-    info.add_text(KEY_SYNTHETIC, SYNTHETIC_MARK)
+    if kind != "xray":
+        info.add_text(KEY_SYNTHETIC, SYNTHETIC_MARK)
     info.add_text(KEY_KIND, kind)
     if geometry is not None:
         info.add_text(KEY_SPACING, f"{geometry.pixel[1]!r} {geometry.pixel[0]!r}")

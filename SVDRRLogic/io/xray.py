@@ -44,7 +44,8 @@ def _read_single_slice(path: Path) -> XRayImage:
     fields = text_metadata(image)
     metadata = {"source": str(path), "format": ITK_FORMAT_NAMES[suffix_of(path)], "pixel_spacing_source": "header",
                 "spacing_at": "unknown", "spacing_known": True,
-                "synthetic": SYNTHETIC_MARK in fields.get("ITK_FileNotes", "") + fields.get("descrip", "")}
+                "synthetic": SYNTHETIC_MARK in fields.get("ITK_FileNotes", "") + fields.get("descrip", ""),
+                "kind": fields.get("svdrr_kind", "")}
     matrix = ijk_to_ras(image)
     if ITK_GEOMETRY_KEY in fields:
         metadata["geometry"], matrix = parse_geometry(fields[ITK_GEOMETRY_KEY], str(path))

@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 PROG = "SVDRRBatch"
@@ -393,7 +394,7 @@ def cmd_orbit(job):
     """All views as one sequence with a browser; the C-arm at the first view, showing the sequence's image."""
     import numpy as np
 
-    name = f"{job.ct_node.GetName().replace(job.engine.mrml.SYNTHETIC_SUFFIX, '')} orbit"
+    name = f"{job.ct_node.GetName()} orbit"
     sequence, browser = job.engine.mrml.add_orbit_sequence(job.scene, np.stack(job.images), job.geometries,
                                                            name=name, sequences_logic=_module_logic("sequences"))
     job.show_carm(job.geometries[0], browser.GetProxyNode(sequence))
@@ -476,6 +477,11 @@ def _report(args, job, made, seconds):
     print("\n".join(lines), flush=True)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning about an input (e.g. values unlike HU) reaches the user as one line, like an error."""
+    print(f"{PROG}: warning: {str(message).strip().splitlines()[0]}", file=file or sys.stderr, flush=True)
+
+
 def _report_error(exc):
     text = str(exc).strip()
     message = text.splitlines()[0] if text else type(exc).__name__
@@ -493,7 +499,9 @@ def main():
             quiet_vtk()
         except ImportError:  # no VTK at all: the engine import reports it
             pass
-    code = run(sys.argv[1:])
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        code = run(sys.argv[1:])
     if inside_slicer():
         _slicer().util.exit(code)
     else:

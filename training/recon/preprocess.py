@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -52,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from SVDRRLogic.images import CTVolume, ImageError
-from SVDRRLogic.io import list_dicom_series, load_ct
+from SVDRRLogic.io import ImageWarning, list_dicom_series, load_ct
 from SVDRRLogic.io.common import (AIR_HU, ITK_SUFFIXES, atomic_output, first_line, is_dicom_file, read_dicom,
                                   suffix_of)
 from SVDRRLogic.recon_grid import FIELD_MM, HU_OFFSET, WINDOW, ReconGrid, hu_to_unit
@@ -228,7 +229,9 @@ def mask_from_file(ct: CTVolume, path: Path) -> np.ndarray:
     placement when its grid differs."""
     from scipy.ndimage import affine_transform
 
-    mask = load_ct(path)
+    with warnings.catch_warnings():  # labels, not HU: load_ct's doubt about the values is expected here
+        warnings.simplefilter("ignore", ImageWarning)
+        mask = load_ct(path)
     body = mask.array_hu > 0
     if mask.shape == ct.shape and np.allclose(mask.ijk_to_ras, ct.ijk_to_ras, atol=1e-3):
         return body
