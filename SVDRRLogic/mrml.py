@@ -260,8 +260,8 @@ def _check_output_node(scene, node, kinds: Sequence[str]) -> None:
     image = node.GetImageData()
     empty = image is None or image.GetPointData().GetScalars() is None
     if not empty and (node.GetAttribute(ATTR_KIND) not in kinds or node.GetAttribute(ATTR_SYNTHETIC) != "true"):
-        raise ValueError(f"refusing to overwrite '{node.GetName()}': it holds data SVDRR did not make "
-                         f"(inputs are never modified); choose a new or empty output volume")
+        raise ValueError(f"refusing to overwrite '{node.GetName()}': it is not an image SVDRR rendered or "
+                         f"synthesized (inputs are never modified); choose a new or empty output volume")
 
 
 def _tag(node, kind: str, synthetic: bool, source: str | None) -> None:

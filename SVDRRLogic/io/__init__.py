@@ -1,7 +1,8 @@
 """Image input and output at the boundary between files (LPS, DICOM, pictures) and the engine (RAS, HU, floats).
 
 ``load_ct`` and ``load_xray`` read every supported source into :class:`~SVDRRLogic.images.CTVolume` and
-:class:`~SVDRRLogic.images.XRayImage`; ``write_image`` and ``write_ct`` write results atomically, marked synthetic (an acquired X-ray handed on is not).
+:class:`~SVDRRLogic.images.XRayImage`; ``write_image`` and ``write_ct`` write results atomically, marked synthetic
+(an acquired X-ray handed on is not).
 """
 from ..images import ImageWarning
 from .common import AIR_HU, SYNTHETIC_MARK
