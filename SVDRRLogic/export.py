@@ -2,7 +2,7 @@
 
 Shared by the command line, the headless Slicer batch script and the demo, so every route writes the same files.
 Views are rendered in batches (bounded memory, progress per batch); ``views.json`` is written last and atomically,
-so its presence means the set is complete.
+so its presence means the set is complete, and a run that fails or is interrupted removes the views it wrote.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .geometry import CArmGeometry
 from .images import CTVolume, XRayImage
 from .io import write_image
-from .io.common import atomic_output
+from .io.common import all_or_nothing, atomic_output
 from .renderer import DRRRenderer, describe_device
 
 
@@ -32,10 +32,11 @@ def render_views(ct: CTVolume, base: CArmGeometry, angles: Sequence[tuple[float,
     renderer = DRRRenderer(ct, device=device, hu_model=hu_model)
     geoms = [base.with_view(a, e) for a, e in angles]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "views.json").unlink(missing_ok=True)  # a failed re-run must not leave the old set looking complete
     written, records = [], []
-    with tqdm(total=len(geoms), unit="view", desc="rendering", disable=None) as bar:
+    with all_or_nothing(written, out_dir), \
+            tqdm(total=len(geoms), unit="view", desc="rendering", disable=None) as bar:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "views.json").unlink(missing_ok=True)  # a failed re-run must not leave an old set looking whole
         for start in range(0, len(geoms), batch):
             chunk = geoms[start:start + batch]
             images = renderer.render(chunk, output=output)
@@ -51,10 +52,10 @@ def render_views(ct: CTVolume, base: CArmGeometry, angles: Sequence[tuple[float,
                 if on_view is not None:
                     on_view(index, image, geom)
             bar.update(len(chunk))
-    manifest = {"synthetic": True, "note": "digitally reconstructed radiographs; not for diagnosis",
-                "ct": ct.source, "output": output, "hu_model": renderer.hu_model,
-                "device": describe_device(renderer.device), "views": records}
-    _write_json_atomic(out_dir / "views.json", manifest)
+        manifest = {"synthetic": True, "note": "digitally reconstructed radiographs; not for diagnosis",
+                    "ct": ct.source, "output": output, "hu_model": renderer.hu_model,
+                    "device": describe_device(renderer.device), "views": records}
+        _write_json_atomic(out_dir / "views.json", manifest)
     return written
 
 

@@ -230,12 +230,18 @@ def from_svdrr_angles(theta: float, phi: float) -> tuple[float, float]:
 
 
 # -- view sets ----------------------------------------------------------------------------------------------
+#: The most views one view set may hold (far beyond any orbit a user renders; a typo must not exhaust memory).
+MAX_VIEWS = 100000
+
+
 def arc(start: float = -90.0, stop: float = 90.0, step: float = 5.0,
         elevation: float = 0.0) -> list[tuple[float, float]]:
     """Azimuths from ``start`` to ``stop`` inclusive (SV-DRR's "simple" set is arc(-90, 90, 5): 37 views)."""
-    if step <= 0 or stop < start:
+    if not all(math.isfinite(x) for x in (start, stop, step, elevation)) or step <= 0 or stop < start:
         raise GeometryError(f"an arc needs start <= stop and a positive step, got {start}:{stop}:{step}")
     n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    if n > MAX_VIEWS:  # counted before anything is built
+        raise GeometryError(f"the arc {start:g}:{stop:g}:{step:g} has {n} views; at most {MAX_VIEWS} are allowed")
     return [(start + i * step, float(elevation)) for i in range(n)]
 
 
@@ -245,15 +251,15 @@ def hemisphere(n: int) -> list[tuple[float, float]]:
     Points are equal-area: cos of the angle from the PA axis falls linearly from 1 to 0 while the longitude
     advances by the golden angle, like SV-DRR's "hemisphere" evaluation set.
     """
-    if not 1 <= n <= 100000:
-        raise GeometryError(f"hemisphere view count must be 1-100000, got {n}")
+    if not 1 <= n <= MAX_VIEWS:
+        raise GeometryError(f"hemisphere view count must be 1-{MAX_VIEWS}, got {n}")
     golden = math.pi * (3.0 - math.sqrt(5.0))
     views = []
     for i in range(n):
         c = 1.0 - i / n  # cos(angle from PA): the first view is exactly PA
         r = math.sqrt(max(0.0, 1.0 - c * c))
         x, z = r * math.cos(i * golden), r * math.sin(i * golden)
-        views.append((math.degrees(math.atan2(x, c)), math.degrees(math.asin(-z))))
+        views.append((math.degrees(math.atan2(x, c)) + 0.0, math.degrees(math.asin(-z)) + 0.0))  # no -0.0
     return views
 
 

@@ -147,6 +147,10 @@ def reconstruct_ct(xrays: Sequence, out_path: str | os.PathLike, *, model: str |
     out = Path(out_path).expanduser()
     if not out.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
         raise ImageError(f"{out}: write the CT as .nii.gz, .nii, .nrrd or .mha")
+    if not out.parent.is_dir():  # checked before minutes of model work, not after
+        raise ImageError(f"{out}: the folder {out.parent} does not exist")
+    if keep is not None and Path(keep).expanduser().exists() and not Path(keep).expanduser().is_dir():
+        raise ImageError(f"{keep}: is a file; --keep-intermediates needs a folder")
     images, views = load_inputs(xrays)
     steps = None if steps is None else int(steps)
     if steps is not None and steps < 1:

@@ -29,7 +29,7 @@ from . import weights
 from .geometry import CArmGeometry, GeometryError
 from .images import ImageError, XRayImage
 from .io import IMAGE_FORMATS, load_xray, write_image
-from .io.common import atomic_output, first_line, geometry_from_metadata
+from .io.common import all_or_nothing, atomic_output, first_line, geometry_from_metadata
 from .weights import WeightsError
 
 MANIFEST_NAME = "synthesis.json"
@@ -179,50 +179,51 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     base = target_geometry(choice.preset, pipe.resolution, iso)
     geometries = [base.with_view(a, e) for a, e in views]
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # an old manifest must not vouch for a half-written new set
-
     written, records = [], []
-    chunks = [range(i, min(i + batch, len(views))) for i in range(0, len(views), batch)]
-    total = len(chunks) * steps
+    with all_or_nothing(written, out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # an old manifest must not vouch for a half-written new set
 
-    def fraction(steps_done: int) -> float:
-        return (_LOAD_SHARE + (1.0 - _LOAD_SHARE - _WRITE_SHARE) * steps_done / total
-                + _WRITE_SHARE * len(written) / len(views))
+        chunks = [range(i, min(i + batch, len(views))) for i in range(0, len(views), batch)]
+        total = len(chunks) * steps
 
-    for number, chunk in enumerate(chunks):
-        what = (f"views {chunk.start + 1}-{chunk.stop}" if len(chunk) > 1 else f"view {chunk.start + 1}") + \
-            f" of {len(views)}"
+        def fraction(steps_done: int) -> float:
+            return (_LOAD_SHARE + (1.0 - _LOAD_SHARE - _WRITE_SHARE) * steps_done / total
+                    + _WRITE_SHARE * len(written) / len(views))
 
-        def on_step(done, _total, _first, number=number, what=what):
-            report(fraction(number * steps + done), f"{what}: step {done}/{steps}")
+        for number, chunk in enumerate(chunks):
+            what = (f"views {chunk.start + 1}-{chunk.stop}" if len(chunk) > 1 else f"view {chunk.start + 1}") + \
+                f" of {len(views)}"
 
-        result = pipe(image, [views[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=seed, batch_size=batch, callback=on_step, source_view=source_view)
-        for i, array, meta in zip(chunk, result.images, result.metadata):
-            geom = geometries[i]
-            name = view_filename(i, geom, fmt)
-            meta = {**meta, "kind": KIND, "model_folder": str(choice.folder), "demo_model": choice.demo}
-            item = XRayImage(array, pixel_spacing=(geom.pixel[1], geom.pixel[0]), metadata=meta,
-                             ijk_to_ras=geom.detector_ijk_to_ras, source=name)
-            written.append(write_image(out / name, item, geometry=geom, format=fmt, kind="synthesized"))
-            records.append({"index": i, "file": name, **geom.to_dict(), "relative_pose": meta["relative_pose"],
-                            "metadata": meta})
-            report(fraction((number + 1) * steps), f"wrote {name}")
+            def on_step(done, _total, _first, number=number, what=what):
+                report(fraction(number * steps + done), f"{what}: step {done}/{steps}")
 
-    manifest = {
-        "synthetic": True, "note": NOTE, "kind": KIND,
-        "input": {"file": file, "label": input_label or file,
-                  "geometry": stored.to_dict() if stored is not None else None,
-                  "synthetic": bool(image.metadata.get("synthetic", False))},
-        "model": choice.describe(), "demo_model": choice.demo, "resolution": pipe.resolution,
-        "steps": steps, "guidance_scale": guidance, "seed": seed, "batch": batch,
-        "device": describe_device(dev), "requested_device": str(device), "dtype": str(pipe.transformer.dtype),
-        "format": fmt, "source_view": list(source_view), "preset": choice.preset,
-        "seconds": round(time.monotonic() - started, 3), "views": records,
-    }
-    with atomic_output(out / MANIFEST_NAME, ".json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            result = pipe(image, [views[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=seed, batch_size=batch, callback=on_step, source_view=source_view)
+            for i, array, meta in zip(chunk, result.images, result.metadata):
+                geom = geometries[i]
+                name = view_filename(i, geom, fmt)
+                meta = {**meta, "kind": KIND, "model_folder": str(choice.folder), "demo_model": choice.demo}
+                item = XRayImage(array, pixel_spacing=(geom.pixel[1], geom.pixel[0]), metadata=meta,
+                                 ijk_to_ras=geom.detector_ijk_to_ras, source=name)
+                written.append(write_image(out / name, item, geometry=geom, format=fmt, kind="synthesized"))
+                records.append({"index": i, "file": name, **geom.to_dict(), "relative_pose": meta["relative_pose"],
+                                "metadata": meta})
+                report(fraction((number + 1) * steps), f"wrote {name}")
+
+        manifest = {
+            "synthetic": True, "note": NOTE, "kind": KIND,
+            "input": {"file": file, "label": input_label or file,
+                      "geometry": stored.to_dict() if stored is not None else None,
+                      "synthetic": bool(image.metadata.get("synthetic", False))},
+            "model": choice.describe(), "demo_model": choice.demo, "resolution": pipe.resolution,
+            "steps": steps, "guidance_scale": guidance, "seed": seed, "batch": batch,
+            "device": describe_device(dev), "requested_device": str(device), "dtype": str(pipe.transformer.dtype),
+            "format": fmt, "source_view": list(source_view), "preset": choice.preset,
+            "seconds": round(time.monotonic() - started, 3), "views": records,
+        }
+        with atomic_output(out / MANIFEST_NAME, ".json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     report(1.0, f"{len(written)} view(s) synthesized")
     return written
 

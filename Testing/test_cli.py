@@ -59,6 +59,18 @@ def test_mu_intensity_gives_exact_line_integrals(tmp_path, capsys):
     assert img[4, 4] == pytest.approx(80 * 0.02, rel=1e-3)
 
 
+def test_a_failed_render_leaves_no_views_behind(tmp_path, capsys):
+    out = tmp_path / "set"
+    (out / "view_0001_az+090.00_el+000.00.nrrd").mkdir(parents=True)  # the second view cannot be written
+    code, _, err = run(capsys, "render", "--phantom", "chest", "-o", str(out), "--view", "0", "--view", "90",
+                       "--detector", "8,8", "--pixel", "40", "--device", "cpu", "--batch", "1")
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["view_0001_az+090.00_el+000.00.nrrd"]  # only what was there
+    code, _, err = run(capsys, "render", "--phantom", "chest", "-o", str(tmp_path / "new" / "set"), "--views",
+                       "arc:0:1e9:1e-3")
+    assert code == 2 and "at most 100000" in err and not (tmp_path / "new").exists()
+
+
 def test_a_label_map_given_as_ct_renders_with_a_one_line_warning(tmp_path, capsys):
     from SVDRRLogic.images import CTVolume
     from SVDRRLogic.io import write_ct

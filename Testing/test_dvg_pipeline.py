@@ -14,7 +14,7 @@ pytest.importorskip("diffusers", reason="diffusers is not installed")
 
 from SVDRRLogic.cli import main  # noqa: E402
 from SVDRRLogic.images import CTVolume, ImageError, XRayImage  # noqa: E402
-from SVDRRLogic.io import load_ct, write_image  # noqa: E402
+from SVDRRLogic.io import load_ct, load_xray, write_image  # noqa: E402
 from SVDRRLogic.models.dvg import CONFIGS, build_dvg, cosine_betas, create_random  # noqa: E402
 from SVDRRLogic.models.svdrr import ModelLoadError  # noqa: E402
 from SVDRRLogic.pipelines.dvg import DVGReconstructionPipeline  # noqa: E402
@@ -220,6 +220,8 @@ def test_reconstruct_ct_writes_the_ct_and_intermediates(model, phantom_drrs, tmp
     assert sorted(p.name for p in keep.iterdir()) == sorted(
         ["back_projection.nii.gz", "initial_ct.nii.gz", "input_0.nrrd", "input_1.nrrd", "new_view.nrrd",
          "reconstruction.json"])
+    assert load_xray(keep / "input_0.nrrd").metadata["synthetic"]  # DRRs in, marked DRRs kept
+    assert load_xray(keep / "new_view.nrrd").metadata["synthetic"]
 
 
 def test_cli_reconstruct_and_its_errors(model, phantom_drrs, tmp_path, capsys):
@@ -231,6 +233,9 @@ def test_cli_reconstruct_and_its_errors(model, phantom_drrs, tmp_path, capsys):
     cases = [
         ([str(png), "-o", str(tmp_path / "x.nii.gz"), "--model", str(model)], "view is unknown"),
         ([f"{png}@0,0", "-o", str(tmp_path / "x.png"), "--model", str(model)], "write the CT as"),
+        ([f"{png}@0,0", "-o", str(tmp_path / "no" / "x.nii.gz"), "--model", str(model)], "does not exist"),
+        ([f"{png}@0,0", "-o", str(tmp_path / "x.nii.gz"), "--model", str(model), "--keep-intermediates", str(png)],
+         "needs a folder"),
         ([f"{png}@0,0", "-o", str(tmp_path / "x.nii.gz"), "--model", str(model), "--method", "patch-edm"],
          "cannot run --method patch-edm"),
         ([f"{png}@0,0", "-o", str(tmp_path / "x.nii.gz"), "--model", str(tmp_path / "nowhere")],

@@ -124,7 +124,7 @@ def test_arc_is_svdrr_simple_set():
 
 def test_hemisphere_is_even_and_posterior():
     views = hemisphere(500)
-    assert views[0] == pytest.approx((0.0, 0.0))
+    assert views[0] == pytest.approx((0.0, 0.0)) and math.copysign(1.0, views[0][1]) == 1.0  # 0, not -0 (el-000)
     s = np.array([CArmGeometry(a, e).source_direction for a, e in views])
     assert (s[:, 1] <= 1e-9).all()  # every source behind the patient
     # equal-area: the fraction of points within 60 degrees of PA matches the cap's area fraction (1 - cos 60)
@@ -137,7 +137,8 @@ def test_hemisphere_is_even_and_posterior():
     assert len(parse_view_set("hemisphere:12")) == 12
 
 
-@pytest.mark.parametrize("spec", ["arc:1:2", "arc:5:0:1", "arc:0:10:0", "hemisphere:0", "sphere:3", "hemisphere:x"])
-def test_bad_view_sets(spec):
+@pytest.mark.parametrize("spec", ["arc:1:2", "arc:5:0:1", "arc:0:10:0", "hemisphere:0", "sphere:3", "hemisphere:x",
+                                  "arc:0:1e9:1e-3", "arc:0:inf:1", "arc:nan:1:1", "hemisphere:100001"])
+def test_bad_view_sets(spec):  # a huge set fails at once, before any view is built
     with pytest.raises(GeometryError):
         parse_view_set(spec)

@@ -233,6 +233,15 @@ def test_worker_reports_every_step_and_its_files(worker_run, drr_nrrd):
     assert manifest_of(out)["input"]["file"] == str(drr_nrrd)
 
 
+def test_a_failed_synthesis_leaves_no_views_behind(model, xray_png, tmp_path, capsys):
+    out = tmp_path / "set"
+    (out / "view_0001_az+030.00_el+000.00.png").mkdir(parents=True)  # the second view cannot be written
+    code, _out, err = run(capsys, "synthesize", xray_png, "-o", out, "--model", model, "--device", "cpu",
+                          "--view", "10,0", "--view", "30,0", "--steps", "1", "--batch", "1")
+    assert code == 2 and err.splitlines()[-1].startswith("svdrr: error: ") and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["view_0001_az+030.00_el+000.00.png"]  # only what was there
+
+
 def test_errors_name_the_input_label_not_the_handed_over_file(model, tmp_path):
     handed = write_image(tmp_path / "handover.nrrd", np.ones((16, 16), np.float32))
     with pytest.raises(ImageError) as err:

@@ -114,6 +114,21 @@ def atomic_output(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def all_or_nothing(written: list, folder: Path | None = None) -> Iterator[list]:
+    """A set of files made in the block is complete or absent: when the block fails or is interrupted, every path
+    appended to ``written`` is removed, and ``folder`` too when it did not exist before and is left empty."""
+    new_folder = folder is not None and not Path(folder).exists()
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        if new_folder and Path(folder).is_dir() and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()
+        raise
+
+
 def quantize_u16(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Min-max scale float values to uint16 for formats without floats (PNG, DICOM); ``value ~ offset + stored *
     scale`` recovers them to within half a step. A constant image stores zeros with scale 0."""

@@ -79,7 +79,8 @@ class ReconstructionPipeline(DiffusionPipeline):
         geoms = [grid.geometry(az, el) for az, el in angles]
         fitted = [fit_xray(x, g) for x, g in zip(xrays, geoms)]
         inputs = [XRayImage(a, pixel_spacing=g.pixel[::-1], ijk_to_ras=g.detector_ijk_to_ras, source=x.source,
-                            metadata={"geometry": g.to_dict(), "kind": "model input", "normalization": "[0, 1]"})
+                            metadata={"geometry": g.to_dict(), "kind": "model input", "normalization": "[0, 1]",
+                                      "synthetic": bool(x.metadata.get("synthetic", False))})  # as its source
                   for a, g, x in zip(fitted, geoms, xrays)]
         images = torch.from_numpy(np.stack(fitted)).to(self.device)
         return PreparedInput(grid, geoms, images, inputs, seed_of(generator))
