@@ -561,6 +561,31 @@ def test_truncated_dicom_files(tmp_path):
     assert_one_line_error(excinfo, slice_file, "pixel data")
 
 
+def test_volume_files_cut_short_are_refused_not_filled_with_zeros(tmp_path, capfd):
+    """A copy that stopped halfway: ITK's NIfTI reader would fill the rest with 0 HU, its MetaImage reader would
+    print C++ diagnostics and blame a missing file."""
+    hu = np.random.default_rng(0).uniform(-1000, 1000, (12, 20, 24)).astype(np.float32)
+    for name, compress in (("ct.nii.gz", True), ("ct.nii", False), ("ct.mha", False), ("zipped.mha", True),
+                           ("ct.mhd", False)):
+        sitk.WriteImage(itk_image(hu), str(tmp_path / name), useCompression=compress)
+        data = tmp_path / ("ct.raw" if name == "ct.mhd" else name)
+        data.write_bytes(data.read_bytes()[:data.stat().st_size * 2 // 3])
+        capfd.readouterr()
+        with pytest.raises(ImageError) as excinfo:
+            load_ct(tmp_path / name)
+        assert_one_line_error(excinfo, tmp_path / name, "truncated")
+        assert capfd.readouterr().err == ""  # nothing printed by the libraries
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error_naming_the_file(capfd):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, a folder no one may create files in")
+    with pytest.raises(ImageError) as excinfo:
+        write_image("/proc/drr.nii.gz", np.ones((4, 4), np.float32))
+    assert_one_line_error(excinfo, Path("/proc/drr.nii.gz"), "cannot write in /proc")
+    assert capfd.readouterr().err == ""
+
+
 # -- real data -------------------------------------------------------------------------------------------------------
 def shared_file(name: str) -> Path:
     path = SHARED_DATA / name

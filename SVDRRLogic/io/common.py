@@ -100,13 +100,18 @@ def atomic_output(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
 
     The temporary name keeps ``suffix`` because SimpleITK picks its writer (and gzip) from the extension. Being in
     the same folder makes ``os.replace`` a rename on one file system, so readers see the old file or the new one,
-    never a half-written one. The writer creates the temporary file itself, so it gets the usual permissions
-    (``tempfile.mkstemp`` would make it private to the owner).
+    never a half-written one. The temporary file is created first (with the usual permissions, which
+    ``tempfile.mkstemp`` would restrict to the owner), so a folder that cannot be written is one clear error
+    naming the final file, before any writer (some of which print C diagnostics) runs.
     """
     final = Path(path).expanduser()
     if not final.parent.is_dir():
         raise ImageError(f"{final}: output folder {final.parent} does not exist")
     tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp{suffix}"
+    try:
+        tmp.touch(exist_ok=False)
+    except OSError as exc:
+        raise ImageError(f"{final}: cannot write in {final.parent}: {exc.strerror or exc}") from None
     try:
         yield tmp
         os.replace(tmp, final)

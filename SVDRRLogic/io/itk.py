@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from ..images import ImageError
 from .common import LPS_TO_RAS, itk_error_text, suffix_of
-from .nifti import nifti_has_nonfinite
+from .voxel_data import metaimage_problem, nifti_problem
 
 #: NRRD/MetaImage header key holding the C-arm geometry JSON of the DRRs we write.
 ITK_GEOMETRY_KEY = "svdrr_geometry"
@@ -24,16 +24,22 @@ ITK_FORMATS = {"nrrd": ".nrrd", "nii": ".nii", "nii.gz": ".nii.gz", "mha": ".mha
 def read_itk(path: Path) -> sitk.Image:
     """Read any file SimpleITK understands as a 3D scalar image (2D ones get a single slice), or ImageError.
 
-    NaN and infinity are rejected here for NIfTI, whose ITK reader would otherwise hide them as 0; for other
-    formats they reach the array and the image types reject them.
+    Files cut short, and NaN or infinity in NIfTI, are rejected here (:mod:`.voxel_data`): ITK would fill them
+    with 0 or fail with a misleading message; in other formats NaN reaches the array and the image types reject it.
     """
+    suffix = suffix_of(path)
+    if suffix in (".mha", ".mhd"):
+        problem = metaimage_problem(path)
+        if problem:
+            raise ImageError(f"{path}: {problem}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageError(f"{path}: cannot be read as an image ({itk_error_text(exc)})") from None
-    if suffix_of(path) in (".nii", ".nii.gz") and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) \
-            and nifti_has_nonfinite(path):
-        raise ImageError(f"{path}: contains NaN or infinite values")
+    if suffix in (".nii", ".nii.gz"):
+        problem = nifti_problem(path)
+        if problem:
+            raise ImageError(f"{path}: {problem}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} values per voxel "
                          "(colour or vector image); expected a scalar image")
