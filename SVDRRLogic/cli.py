@@ -351,16 +351,21 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     argv = _glue_negative_lists(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
     commands = {"render": cmd_render, "synthesize": cmd_synthesize, "reconstruct": cmd_reconstruct,
                 "bench": cmd_bench, "bench-recon": cmd_bench_recon, "demo": cmd_demo, "models": cmd_models}
     try:
+        args = build_parser().parse_args(argv)  # (its choices read the resources: inside, for one-line errors)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            return commands[args.command](args)
+            code = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside this handler, rather than at exit
+        return code
     except KeyboardInterrupt:
         print("svdrr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (``svdrr models list | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+        return 0
     except Exception as exc:  # the one place a user-facing error becomes one line
         if os.environ.get("SVDRR_DEBUG"):
             raise

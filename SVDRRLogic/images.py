@@ -89,11 +89,16 @@ class XRayImage:
         self.pixel_spacing = sp  # type: ignore[assignment]
 
 
-def hu_doubt(lo: float, hi: float) -> str | None:
-    """Why a volume whose values span ``lo``..``hi`` does not look like a CT in Hounsfield units (a CT holds air
-    near -1000 and tissue above 0; a label map or an MR image does not), or None when it does."""
-    if lo > -200.0 or hi < 0.0:
+def value_doubt(lo: float, hi: float, units: str = "hu") -> str | None:
+    """Why a volume whose values span ``lo``..``hi`` does not look like a CT in ``units``, or None when it does.
+
+    In HU a CT holds air near -1000 and tissue above 0 (a label map or an MR image does not); as attenuation in
+    1/mm it lies between 0 and a few per mm (lead at 70 keV: about 3.4), so negative or HU-sized values mean HU
+    were given as attenuation."""
+    if units == "hu" and (lo > -200.0 or hi < 0.0):
         return f"values {lo:.0f}..{hi:.0f} do not look like Hounsfield units: DRRs will not be realistic"
+    if units == "mu" and (lo < 0.0 or hi > 10.0):
+        return f"values {lo:.4g}..{hi:.4g} do not look like attenuation in 1/mm (are they HU?)"
     return None
 
 

@@ -20,7 +20,7 @@ import vtk
 
 from .attenuation import MU_WATER_PER_MM
 from .geometry import CArmGeometry, GeometryError
-from .images import CTVolume, ImageError, XRayImage, hu_doubt
+from .images import CTVolume, ImageError, XRayImage, value_doubt
 from .mrml_carm import CArmDisplay, cone_points, detector_corners
 from .mrml_scene import (
     ATTR_GEOMETRY,
@@ -117,10 +117,10 @@ def classify_volume_node(node) -> tuple[str, str]:
         return "unsupported", f"'{name}' is a 3D image with {comps} components per voxel (colour/vector), not a CT"
     lo, hi = image.GetScalarRange()
     size = "x".join(map(str, dims))
-    if (node.GetAttribute(ATTR_UNITS) or "hu") == "mu":
-        return "ct", f"CT volume {size}, attenuation range {lo:.4g}..{hi:.4g} /mm"
-    doubt = hu_doubt(lo, hi)
-    return "ct", f"CT volume {size}, HU range {lo:.0f}..{hi:.0f}" + (f" ({doubt})" if doubt else "")
+    units = node.GetAttribute(ATTR_UNITS) or "hu"
+    doubt = value_doubt(lo, hi, units)
+    reason = f"attenuation range {lo:.4g}..{hi:.4g} /mm" if units == "mu" else f"HU range {lo:.0f}..{hi:.0f}"
+    return "ct", f"CT volume {size}, {reason}" + (f" ({doubt})" if doubt else "")
 
 
 _KIND_ERRORS = {"ct": ("xray", "is a 2D image, not a CT", "a CT"),

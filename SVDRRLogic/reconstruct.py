@@ -35,8 +35,9 @@ VIEW_POSITIONS = {"PA": (0.0, 0.0), "AP": (180.0, 0.0), "LL": (90.0, 0.0), "RL":
 
 
 def parse_xray_spec(spec: str) -> tuple[str, tuple[float, float] | None]:
-    """``FILE@AZ,EL`` -> (FILE, (az, el)); ``FILE`` -> (FILE, None). Only a trailing ``@number,number`` is a
-    view, so file names containing ``@`` still work."""
+    """``FILE@AZ,EL`` -> (FILE, (az, el)); ``FILE@AZ`` -> (FILE, (az, 0)), as ``--view AZ``; ``FILE`` -> (FILE,
+    None). Only a trailing ``@numbers`` is a view, so file names containing ``@`` still work; a tail that is no
+    view after an existing file is a mistyped view, not a missing file."""
     path, sep, tail = str(spec).rpartition("@")
     if sep:
         parts = tail.split(",")
@@ -44,10 +45,10 @@ def parse_xray_spec(spec: str) -> tuple[str, tuple[float, float] | None]:
             view = tuple(float(p) for p in parts)
         except ValueError:
             view = ()
-        if len(view) == 2 and all(math.isfinite(v) for v in view):
-            return path, view  # type: ignore[return-value]
-        if len(parts) == 2:
-            raise ImageError(f"{spec}: the view after @ must be AZIMUTH,ELEVATION in degrees")
+        if len(view) in (1, 2) and all(math.isfinite(v) for v in view):
+            return path, (view + (0.0,))[:2]  # type: ignore[return-value]
+        if len(parts) == 2 or (Path(path).exists() and not Path(spec).exists()):
+            raise ImageError(f"{spec}: the view after @ must be AZIMUTH[,ELEVATION] in degrees")
     return str(spec), None
 
 

@@ -18,7 +18,14 @@ def resources_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def load_json(*parts: str) -> dict:
-    """Read a JSON resource once; raise FileNotFoundError naming the full path if the install is incomplete."""
+    """Read a JSON resource once; a missing or broken file (an incomplete install, a hand edit, ``SVDRR_RESOURCES``
+    pointing elsewhere) is an OSError or ValueError naming its full path."""
     path = resources_dir().joinpath(*parts)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise OSError(f"SVDRR's resource file {path} cannot be read ({exc.strerror or exc}); the installation is "
+                      "incomplete, or SVDRR_RESOURCES points to the wrong folder") from None
+    except ValueError as exc:
+        raise ValueError(f"SVDRR's resource file {path} is not valid JSON ({exc})") from None

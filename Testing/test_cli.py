@@ -1,5 +1,6 @@
 """The ``svdrr`` command line as a user types it, including every way it can be misused."""
 import json
+import os
 import subprocess
 import sys
 
@@ -59,6 +60,27 @@ def test_mu_intensity_gives_exact_line_integrals(tmp_path, capsys):
     assert img[4, 4] == pytest.approx(80 * 0.02, rel=1e-3)
 
 
+def test_broken_resources_and_a_closed_pipe_are_not_tracebacks(tmp_path, capsys, monkeypatch):
+    from SVDRRLogic.resources import load_json
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "geometry.json").write_text("{ not json")
+    monkeypatch.setenv("SVDRR_RESOURCES", str(tmp_path))
+    load_json.cache_clear()
+    try:
+        code, _, err = run(capsys, "--version")
+    finally:
+        monkeypatch.delenv("SVDRR_RESOURCES")
+        load_json.cache_clear()
+    assert code == 2 and err.count("\n") == 1 and "geometry.json is not valid JSON" in err, err
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader went away, as `svdrr models list | head -c 1` does
+    with os.fdopen(write_end, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["models", "list", "--json"]) == 0
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
 def test_a_failed_render_leaves_no_views_behind(tmp_path, capsys):
     out = tmp_path / "set"
     (out / "view_0001_az+090.00_el+000.00.nrrd").mkdir(parents=True)  # the second view cannot be written
@@ -83,7 +105,11 @@ def test_a_label_map_given_as_ct_renders_with_a_one_line_warning(tmp_path, capsy
     assert err.startswith("svdrr: warning: ") and "values 0..2 do not look like Hounsfield units" in err, err
     code, _, err = run(capsys, "render", str(tmp_path / "labels.nii.gz"), "-o", str(tmp_path / "mu"), "--intensity",
                        "mu", "--detector", "8,8", "--pixel", "8", "--device", "cpu")
-    assert code == 0 and err == "", err  # attenuation values are not checked as HU
+    assert code == 0 and err == "", err  # 0..2 per mm is plausible attenuation: no HU check applies
+    write_ct(tmp_path / "hu.nii.gz", CTVolume(labels * 500.0 - 1000.0, np.diag([4.0, 4.0, 4.0, 1.0])))
+    code, _, err = run(capsys, "render", str(tmp_path / "hu.nii.gz"), "-o", str(tmp_path / "hu"), "--intensity",
+                       "mu", "--detector", "8,8", "--pixel", "8", "--device", "cpu")
+    assert code == 0 and err.startswith("svdrr: warning: ") and "are they HU?" in err, err
 
 
 @pytest.mark.parametrize("argv,message", [

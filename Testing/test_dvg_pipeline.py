@@ -200,12 +200,18 @@ def test_pipeline_refuses_a_view_count_the_model_was_not_trained_for(model, tmp_
 
 
 # -- files and command line -------------------------------------------------------------------------------
-def test_parse_xray_spec():
+def test_parse_xray_spec(tmp_path):
     assert parse_xray_spec("a.png@-30,10") == ("a.png", (-30.0, 10.0))
+    assert parse_xray_spec("a.png@90") == ("a.png", (90.0, 0.0))  # as --view 90
     assert parse_xray_spec("me@home/a.png") == ("me@home/a.png", None)
     assert parse_xray_spec("a.png") == ("a.png", None)
-    with pytest.raises(ImageError, match="AZIMUTH,ELEVATION"):
+    with pytest.raises(ImageError, match=r"AZIMUTH\[,ELEVATION\]"):
         parse_xray_spec("a.png@x,1")
+    film = tmp_path / "film.png"
+    film.write_bytes(b"")
+    for tail in ("abc", "0,0,0"):  # after an existing file, a mistyped view, not a missing file
+        with pytest.raises(ImageError, match="the view after @"):
+            parse_xray_spec(f"{film}@{tail}")
 
 
 def test_reconstruct_ct_writes_the_ct_and_intermediates(model, phantom_drrs, tmp_path):

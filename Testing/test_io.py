@@ -227,12 +227,16 @@ def test_two_series_in_one_folder_need_a_choice(tmp_path):
     with pytest.raises(ImageError) as excinfo:
         load_ct(tmp_path / "mixed")
     assert_one_line_error(excinfo, tmp_path / "mixed", "2 DICOM series", "1.2.3.4.1", "1.2.3.4.2", "soft tissue",
-                          "lung kernel", "3 slices", "4 slices", "CT", "series_uid")
+                          "lung kernel", "3 slices", "4 slices", "CT", "series_uid=", "--series")
     infos = list_dicom_series(tmp_path / "mixed")
     assert [(s.uid, s.n_slices, s.modality) for s in infos] == [("1.2.3.4.2", 4, "CT"), ("1.2.3.4.1", 3, "CT")]
     assert load_ct(tmp_path / "mixed", series_uid="1.2.3.4.1").shape == (3, 16, 16)
     with pytest.raises(ImageError, match="no series with UID 9.9"):
         load_ct(tmp_path / "mixed", series_uid="9.9")
+    # one CT volume beside a radiograph: nothing to choose
+    write_series(tmp_path / "ct_and_film" / "ct", [(0, 0, 2.0 * k) for k in range(3)], series_uid="1.2.3.4.1")
+    write_xray_dicom(tmp_path / "ct_and_film" / "film.dcm", np.zeros((8, 8), np.uint16))
+    assert load_ct(tmp_path / "ct_and_film").shape == (3, 16, 16)
 
 
 def test_gantry_tilt_is_reported_and_resampled_in_place(tmp_path):

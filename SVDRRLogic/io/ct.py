@@ -10,7 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
-from ..images import CTVolume, ImageError, ImageWarning, hu_doubt
+from ..images import CTVolume, ImageError, ImageWarning, value_doubt
 from .common import (AIR_HU, ITK_FORMAT_NAMES, ITK_SUFFIXES, RASTER_SUFFIXES, existing_path, is_dicom_file,
                      suffix_of)
 from .dicom_series import read_dicom_series, series_uid_of
@@ -24,14 +24,14 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, units: str =
     ``series_uid`` picks one series when a DICOM folder holds several (without it that is an ImageError listing
     them). Values below -1024 HU become -1024 HU (air). Problems that were worked around (gantry tilt, uneven
     slices, values that do not look like HU, e.g. a label map) are listed in ``metadata["warnings"]`` and issued as
-    :class:`ImageWarning`. ``units="mu"`` says the voxels hold attenuation in 1/mm (e.g. an analytic phantom), so
-    they are not checked as HU. Anything that is not a CT volume raises ImageError.
+    :class:`ImageWarning`. ``units="mu"`` says the voxels hold attenuation in 1/mm (e.g. an analytic phantom); they
+    are checked as such. Anything that is not a CT volume raises ImageError.
     """
     if units not in ("hu", "mu"):
         raise ImageError(f"{path}: units must be 'hu' or 'mu', not {units!r}")
     ct = _load(existing_path(path), series_uid)
     ct.units = units
-    doubt = hu_doubt(float(ct.array_hu.min()), float(ct.array_hu.max())) if units == "hu" else None
+    doubt = value_doubt(float(ct.array_hu.min()), float(ct.array_hu.max()), units)
     if doubt:
         ct.metadata["warnings"].append(doubt)
         warnings.warn(f"{ct.source}: {doubt}", ImageWarning, stacklevel=2)

@@ -110,9 +110,11 @@ def _choose(series: list[SeriesInfo], root: Path, series_uid: str | None) -> Ser
             if s.uid == series_uid:
                 return s
         raise ImageError(f"{root}: no series with UID {series_uid}; the folder holds: {listing}")
-    if len(series) > 1:
-        raise ImageError(f"{root}: {len(series)} DICOM series found, choose one with series_uid=: {listing}")
-    return series[0]
+    volumes = [s for s in series if s.modality == "CT" and s.n_slices > 1] if len(series) > 1 else series
+    if len(volumes) == 1:  # one CT beside radiographs or a single scout: that is the one
+        return volumes[0]
+    raise ImageError(f"{root}: {len(series)} DICOM series found; choose one (--series UID on the command line, "
+                     f"series_uid= in Python): {listing}")
 
 
 # -- stacking --------------------------------------------------------------------------------------------------

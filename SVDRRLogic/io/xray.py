@@ -26,7 +26,7 @@ def load_xray(path: str | os.PathLike, apply_window: bool = False) -> XRayImage:
     """
     p = existing_path(path)
     if p.is_dir():
-        raise ImageError(f"{p}: is a folder; load_xray reads one image file (to load a CT series use load_ct)")
+        raise ImageError(f"{p}: is a folder; an X-ray is one image file (a folder of DICOM slices is a CT)")
     if is_dicom_file(p) or suffix_of(p) in (".dcm", ".dicom"):
         return read_dicom_xray(p, apply_window)
     if apply_window:
@@ -40,7 +40,7 @@ def _read_single_slice(path: Path) -> XRayImage:
     image = read_itk(path)
     columns, rows, slices = image.GetSize()
     if slices != 1:
-        raise ImageError(f"{path}: is a 3D volume ({columns} x {rows} x {slices}), not an X-ray; use load_ct")
+        raise ImageError(f"{path}: is a 3D volume ({columns} x {rows} x {slices}), not an X-ray (a CT?)")
     fields = text_metadata(image)
     metadata = {"source": str(path), "format": ITK_FORMAT_NAMES[suffix_of(path)], "pixel_spacing_source": "header",
                 "spacing_at": "unknown", "spacing_known": True,
