@@ -444,6 +444,19 @@ def test_an_acquired_xray_handed_on_stays_unmarked_and_keeps_its_kind(tmp_path, 
         write_image(tmp_path / "copy.nrrd", film, kind="photo")
 
 
+def test_a_nifti_drr_takes_its_view_from_the_manifest_of_its_set(tmp_path):
+    """NIfTI has no room for our geometry text: the set's views.json supplies it, when it agrees with the file."""
+    g = CArmGeometry(azimuth=90.0, elevation=5.0, detector=(10, 7), pixel=(0.9, 0.6), isocenter=(5.0, -3.0, 20.0))
+    path = write_image(tmp_path / "view.nii.gz", drr(g), g)
+    assert "geometry" not in load_xray(path).metadata  # no manifest: the view is unknown
+    (tmp_path / "views.json").write_text(json.dumps({"views": [{"file": "view.nii.gz", **g.to_dict()}]}))
+    back = load_xray(path)
+    assert CArmGeometry.from_dict(back.metadata["geometry"]) == g and back.metadata["geometry_from"] == "views.json"
+    stale = g.with_view(0.0, 0.0)  # a manifest of another set that reused the name
+    (tmp_path / "views.json").write_text(json.dumps({"views": [{"file": "view.nii.gz", **stale.to_dict()}]}))
+    assert "geometry" not in load_xray(path).metadata
+
+
 def test_png_writer_round_trip(tmp_path):
     g = CArmGeometry(azimuth=10.0, detector=(9, 6), pixel=(0.5, 0.6))
     image = drr(g)

@@ -5,9 +5,13 @@ All results follow one convention: ``array[row, col]``, higher value = more atte
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
+
+from ..geometry import CArmGeometry, GeometryError
 from ..images import ImageError, XRayImage
 from .common import (ITK_FORMAT_NAMES, ITK_SUFFIXES, SYNTHETIC_MARK, existing_path, is_dicom_file, parse_geometry,
                      suffix_of)
@@ -36,6 +40,25 @@ def load_xray(path: str | os.PathLike, apply_window: bool = False) -> XRayImage:
     return read_raster(p)
 
 
+#: The manifests that list a set of our images with each one's view (``svdrr render``, ``svdrr synthesize``).
+MANIFESTS = ("views.json", "synthesis.json")
+
+
+def _listed_view(path: Path, shape: tuple[int, int], placement: np.ndarray) -> tuple[CArmGeometry, str] | None:
+    """(view, manifest name): the view a manifest beside ``path`` records for it, when that view has the image's
+    size and places the detector where the file does (so a stale or foreign manifest is ignored); else None."""
+    for name in MANIFESTS:
+        try:
+            records = json.loads((path.parent / name).read_text(encoding="utf-8"))["views"]
+            record = next(r for r in records if r.get("file") == path.name)
+            geometry = CArmGeometry.from_dict(record)
+        except (OSError, ValueError, KeyError, TypeError, StopIteration, GeometryError):
+            continue
+        if geometry.shape == shape and np.allclose(geometry.detector_ijk_to_ras, placement, rtol=1e-5, atol=0.05):
+            return geometry, name
+    return None
+
+
 def _read_single_slice(path: Path) -> XRayImage:
     image = read_itk(path)
     columns, rows, slices = image.GetSize()
@@ -50,6 +73,10 @@ def _read_single_slice(path: Path) -> XRayImage:
     if ITK_GEOMETRY_KEY in fields:
         metadata["geometry"], matrix = parse_geometry(fields[ITK_GEOMETRY_KEY], str(path))
         metadata["spacing_at"] = "detector"
+    else:  # NIfTI keeps no text fields: the view comes from the set's manifest, if it agrees with the file
+        listed = _listed_view(path, (rows, columns), matrix)
+        if listed is not None:
+            metadata.update(geometry=listed[0].to_dict(), spacing_at="detector", geometry_from=listed[1])
     spacing = image.GetSpacing()
     return XRayImage(array_of(image)[0], (spacing[1], spacing[0]), metadata=metadata, ijk_to_ras=matrix,
                      source=str(path))
