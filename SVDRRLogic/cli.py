@@ -37,9 +37,13 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> tuple[float, ...]:
     return values
 
 
-def _view(text: str) -> tuple[float, float]:
-    v = _floats(text, (1, 2), "--view AZ,EL")
+def _view(text: str, option: str = "--view") -> tuple[float, float]:
+    v = _floats(text, (1, 2), f"{option} AZ,EL")
     return (v[0], v[1] if len(v) > 1 else 0.0)
+
+
+def _source_view(text: str) -> tuple[float, float]:
+    return _view(text, "--source-view")
 
 
 def _detector(text: str) -> tuple[int, int]:
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--format", choices=FORMATS, default="png")
     s.add_argument("--batch", type=int, default=4, help="views denoised together (memory vs speed)")
-    s.add_argument("--source-view", type=_view, metavar="AZ,EL",
+    s.add_argument("--source-view", type=_source_view, metavar="AZ,EL",
                    help="C-arm angles of the input X-ray (default: those stored in an SVDRR file, else PA 0,0, "
                         "the only source view the released models were trained with)")
 
@@ -253,9 +257,19 @@ def cmd_reconstruct(args) -> int:
 
     if len(args.xrays) > 2:
         raise UsageError(f"reconstruction takes one or two X-rays, got {len(args.xrays)}")
-    manifest = reconstruct_ct(args.xrays, args.output, model=args.model, method=args.method, steps=args.steps,
-                              seed=args.seed, device=args.device, dtype=args.dtype, keep=args.keep_intermediates,
-                              center_ras=args.center, new_view=args.new_view, svdrr_model=args.svdrr_model)
+    from tqdm import tqdm
+
+    with tqdm(total=1000, desc="reconstructing", disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+              "{elapsed}<{remaining} {postfix}") as bar:  # on a terminal only
+
+        def progress(fraction: float, message: str) -> None:
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(round(fraction * 1000) - bar.n)
+
+        manifest = reconstruct_ct(args.xrays, args.output, model=args.model, method=args.method,
+                                  steps=args.steps, seed=args.seed, device=args.device, dtype=args.dtype,
+                                  keep=args.keep_intermediates, center_ras=args.center, new_view=args.new_view,
+                                  svdrr_model=args.svdrr_model, progress=progress)
     demo = " with a small demonstration model" if manifest["demo_model"] else ""
     print(f"wrote {args.output}: {manifest['method']} reconstruction{demo} in {manifest['seconds']:.1f} s "
           "(synthetic CT, not for diagnosis)")
@@ -302,7 +316,8 @@ def cmd_models(args) -> int:
                 for e in catalogue]
         if args.json:
             print(json.dumps([dict(zip(("name", "kind", "resolution", "preset", "source", "cache"), r))
-                              | {"licence": e.licence, "normalization": e.normalization, "verified": e.verified}
+                              | {"resolution": e.resolution, "licence": e.licence, "normalization": e.normalization,
+                                 "verified": e.verified}  # numbers stay numbers (null when unknown)
                               for r, e in zip(rows, catalogue)], indent=2))
             return 0
         head = ("NAME", "KIND", "RES", "PRESET", "SOURCE", "CACHE")

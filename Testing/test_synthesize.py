@@ -193,6 +193,7 @@ def test_bad_model_names_are_one_line_exit_2(xray_png, tmp_path, capsys, monkeyp
     (["synthesize", "{xray}", "--steps", "0"], "--steps and --batch must be at least 1"),
     (["synthesize", "{xray}", "--view", "ten,0"], "comma-separated numbers"),
     (["synthesize", "{xray}", "--guidance", "-1"], "guidance must be a number >= 0"),
+    (["synthesize", "{xray}", "--source-view", "abc"], "--source-view AZ,EL must be"),
 ])
 def test_bad_input_is_one_line_exit_2(model, xray_png, tmp_path, capsys, argv, message):
     write_image(tmp_path / "flat.png", np.ones((16, 16), np.float32))

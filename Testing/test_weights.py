@@ -433,6 +433,7 @@ def test_cli_list(capsys):
     code, out, _ = run(capsys, "models", "list", "--json")
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["svdrr-dit-fb-256"]["source"] == "hf:xiechun-tsukuba/svdrr-dit-fb-256@main"
+    assert rows["svdrr-dit-fb-256"]["resolution"] == 256  # a number, as in the catalogue
 
 
 @pytest.mark.parametrize("argv, message", [
