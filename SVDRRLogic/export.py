@@ -17,6 +17,7 @@ from .geometry import CArmGeometry
 from .images import CTVolume, XRayImage
 from .io import write_image
 from .io.common import all_or_nothing, atomic_output
+from .io.dicom_writer import DicomSeries
 from .renderer import DRRRenderer, describe_device
 
 
@@ -32,7 +33,7 @@ def render_views(ct: CTVolume, base: CArmGeometry, angles: Sequence[tuple[float,
     renderer = DRRRenderer(ct, device=device, hu_model=hu_model)
     geoms = [base.with_view(a, e) for a, e in angles]
     out_dir = Path(out_dir)
-    written, records = [], []
+    written, records, series = [], [], DicomSeries()  # one DICOM series per set (other formats ignore it)
     with all_or_nothing(written, out_dir), \
             tqdm(total=len(geoms), unit="view", desc="rendering", disable=None) as bar:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def render_views(ct: CTVolume, base: CArmGeometry, angles: Sequence[tuple[float,
                                  metadata={"synthetic": True, "kind": "DRR", "output": output,
                                            "hu_model": renderer.hu_model, "source_ct": ct.source},
                                  ijk_to_ras=geom.detector_ijk_to_ras, source=name)
-                written.append(write_image(out_dir / name, xray, geometry=geom))
+                written.append(write_image(out_dir / name, xray, geometry=geom, series=series.at(index + 1)))
                 records.append({"index": index, "file": name, **geom.to_dict()})
                 if on_view is not None:
                     on_view(index, image, geom)

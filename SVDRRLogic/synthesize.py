@@ -30,6 +30,7 @@ from .geometry import CArmGeometry, GeometryError
 from .images import ImageError, XRayImage
 from .io import IMAGE_FORMATS, load_xray, write_image
 from .io.common import all_or_nothing, atomic_output, first_line, geometry_from_metadata
+from .io.dicom_writer import DicomSeries
 from .weights import WeightsError
 
 MANIFEST_NAME = "synthesis.json"
@@ -179,7 +180,7 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
     base = target_geometry(choice.preset, pipe.resolution, iso)
     geometries = [base.with_view(a, e) for a, e in views]
     out = Path(out_dir).expanduser()
-    written, records = [], []
+    written, records, series = [], [], DicomSeries()  # one DICOM series per set (other formats ignore it)
     with all_or_nothing(written, out):
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # an old manifest must not vouch for a half-written new set
@@ -206,7 +207,8 @@ def synthesize_views(xray: XRayImage | str | os.PathLike, model: str | os.PathLi
                 meta = {**meta, "kind": KIND, "model_folder": str(choice.folder), "demo_model": choice.demo}
                 item = XRayImage(array, pixel_spacing=(geom.pixel[1], geom.pixel[0]), metadata=meta,
                                  ijk_to_ras=geom.detector_ijk_to_ras, source=name)
-                written.append(write_image(out / name, item, geometry=geom, format=fmt, kind="synthesized"))
+                written.append(write_image(out / name, item, geometry=geom, format=fmt, kind="synthesized",
+                                           series=series.at(i + 1)))
                 records.append({"index": i, "file": name, **geom.to_dict(), "relative_pose": meta["relative_pose"],
                                 "metadata": meta})
                 report(fraction((number + 1) * steps), f"wrote {name}")

@@ -42,6 +42,14 @@ def test_view_sets_and_formats(tmp_path, capsys):
     views = json.loads((tmp_path / "views.json").read_text())["views"]
     assert [v["azimuth"] for v in views] == [-10.0, 0.0, 10.0]
     assert all((tmp_path / v["file"]).exists() for v in views)
+    code, _, err = run(capsys, "render", "--phantom", "chest", "-o", str(tmp_path / "dcm"), "--views",
+                       "arc:-10:10:10", *SMALL, "--format", "dcm", "--device", "cpu")
+    assert code == 0, err
+    import pydicom
+    sets = [pydicom.dcmread(tmp_path / "dcm" / v["file"]) for v in
+            json.loads((tmp_path / "dcm" / "views.json").read_text())["views"]]
+    assert len({(d.StudyInstanceUID, d.SeriesInstanceUID) for d in sets}) == 1  # one series, in view order
+    assert [d.InstanceNumber for d in sets] == [1, 2, 3] and len({d.SOPInstanceUID for d in sets}) == 3
 
 
 def test_mu_intensity_gives_exact_line_integrals(tmp_path, capsys):

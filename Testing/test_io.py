@@ -403,6 +403,7 @@ def test_dicom_writer_round_trip(tmp_path, synthesized):
     assert ds.ConversionType == "SYN" and ds.Modality == "DX"
     assert ds.SeriesDescription.startswith(SYNTHETIC_MARK) == synthesized
     assert list(ds.PatientOrientation) == [patient_orientation(g.u), patient_orientation(g.v)]
+    assert sitk.ReadImage(str(path)).GetSpacing()[:2] == pytest.approx((0.7, 0.8))  # GDCM/ITK see the pixel size
 
 
 def test_dicom_writer_pa_view_is_l_f(tmp_path):

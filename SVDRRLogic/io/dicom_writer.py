@@ -9,6 +9,7 @@ into a private block so that :func:`load_xray` restores the view exactly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -37,10 +38,26 @@ def patient_orientation(direction_ras: np.ndarray) -> str:
     return "".join(_LETTERS[a][0 if d[a] > 0 else 1] for a in order if abs(d[a]) > 1e-3)
 
 
-def write_dicom(xray: XRayImage, path: Path, geometry: CArmGeometry | None, kind: str) -> None:
+@dataclass(frozen=True)
+class DicomSeries:
+    """Where a written image belongs: its study and series (shared by the views of one render or synthesis run,
+    so a viewer shows them as one series, in view order) and its instance number. The default is a series of
+    its own."""
+
+    study_uid: str = field(default_factory=generate_uid)
+    series_uid: str = field(default_factory=generate_uid)
+    instance: int = 1
+
+    def at(self, instance: int) -> DicomSeries:
+        """The same series, instance ``instance`` (1-based)."""
+        return replace(self, instance=int(instance))
+
+
+def write_dicom(xray: XRayImage, path: Path, geometry: CArmGeometry | None, kind: str,
+                series: DicomSeries | None = None) -> None:
     """Write ``xray`` as one DICOM file at ``path``; ``kind`` is "drr" or "synthesized"."""
     ds = Dataset()
-    _identify(ds, geometry, kind)
+    _identify(ds, geometry, kind, series or DicomSeries())
     _pixels(ds, xray.array)
     if geometry is not None:
         _positioner(ds, geometry)
@@ -55,7 +72,7 @@ def _ds(value: float) -> DSfloat:
     return DSfloat(float(value), auto_format=True)
 
 
-def _identify(ds: Dataset, geometry: CArmGeometry | None, kind: str) -> None:
+def _identify(ds: Dataset, geometry: CArmGeometry | None, kind: str, series: DicomSeries) -> None:
     """Patient/study/series/instance identity, and the synthetic marking in every place a reader may look."""
     now = datetime.now()
     sop_uid = generate_uid()
@@ -64,12 +81,12 @@ def _identify(ds: Dataset, geometry: CArmGeometry | None, kind: str) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, sop_uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = series.study_uid, series.series_uid
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
     ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.SeriesNumber, ds.InstanceNumber = 1, series.instance
     ds.Modality, ds.ConversionType = "DX", "SYN"
     ds.Manufacturer, ds.SoftwareVersions = "SVDRR", "SVDRR"
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -99,6 +116,7 @@ def _positioner(ds: Dataset, geometry: CArmGeometry) -> None:
     ds.EstimatedRadiographicMagnificationFactor = _ds(geometry.sdd / geometry.sad)
     du, dv = geometry.pixel
     ds.ImagerPixelSpacing = [_ds(dv), _ds(du)]
+    ds.NominalScannedPixelSpacing = ds.ImagerPixelSpacing  # what readers of Secondary Capture (GDCM, ITK) use
     ds.PatientOrientation = [patient_orientation(geometry.u), patient_orientation(geometry.v)]
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(GEOMETRY_ELEMENT, "UT", geometry_json(geometry))

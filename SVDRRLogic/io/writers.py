@@ -17,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 from ..geometry import CArmGeometry
 from ..images import CTVolume, ImageError, XRayImage
 from .common import SYNTHETIC_MARK, atomic_output, geometry_from_metadata, geometry_json, quantize_u16, suffix_of
-from .dicom_writer import write_dicom
+from .dicom_writer import DicomSeries, write_dicom
 from .itk import ITK_FORMATS, ITK_GEOMETRY_KEY, to_itk, write_itk
 from .raster import KEY_GEOMETRY, KEY_KIND, KEY_OFFSET, KEY_SCALE, KEY_SPACING, KEY_SYNTHETIC
 
@@ -27,7 +27,7 @@ IMAGE_KINDS = ("drr", "synthesized", "xray")
 
 
 def write_image(path: str | os.PathLike, image: XRayImage | np.ndarray, geometry: CArmGeometry | None = None, *,
-                format: str | None = None, kind: str = "drr") -> Path:
+                format: str | None = None, kind: str = "drr", series: DicomSeries | None = None) -> Path:
     """Write a projection image to ``path`` and return the path.
 
     ``kind`` says what the image is (:data:`IMAGE_KINDS`): ``drr`` (rendered from a CT) and ``synthesized`` (made
@@ -36,7 +36,7 @@ def write_image(path: str | os.PathLike, image: XRayImage | np.ndarray, geometry
     C-arm view the image belongs to; without it the view stored in ``image.metadata`` (an image loaded from one of
     our files) is used; with no view at all, volume formats place the image by its ``ijk_to_ras``, else as a PA
     film centred on the origin. ``format`` is one of nrrd, nii, nii.gz, mha, png, dcm; by default it follows the
-    extension.
+    extension. ``series``: the DICOM study, series and instance number of the image (default: a series of its own).
     """
     out = Path(path).expanduser()
     fmt = _format_of(out, format, IMAGE_FORMATS)
@@ -52,7 +52,7 @@ def write_image(path: str | os.PathLike, image: XRayImage | np.ndarray, geometry
         if fmt == "png":
             _write_png(xray, tmp, geometry, kind)
         elif fmt == "dcm":
-            write_dicom(xray, tmp, geometry, kind)
+            write_dicom(xray, tmp, geometry, kind, series)
         else:
             fields = {"svdrr_kind": kind} | ({} if kind == "xray" else {"ITK_FileNotes": SYNTHETIC_MARK})
             if geometry is not None:
