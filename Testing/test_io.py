@@ -489,7 +489,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "view.dcm"
     target.write_bytes(b"previous content")
 
-    def half_write(xray, path, geometry, kind):
+    def half_write(xray, path, geometry, kind, series):
         Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
