@@ -47,7 +47,7 @@ class DRRRenderer:
         mu = ct.array_hu if ct.units == "mu" else hu_to_mu(ct.array_hu, hu_model, mu_water)
         try:
             self.volume = torch.from_numpy(mu).to(self.device)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"the CT ({ct.array_hu.nbytes / 2**20:.0f} MiB as float32) does not fit in GPU "
                                "memory; use device 'cpu' or a downsampled CT") from None
         self.ijk_to_ras = ct.ijk_to_ras
@@ -84,23 +84,25 @@ class DRRRenderer:
             groups, (h, w) = plan_views(geoms, self.ijk_to_ras, self.volume.shape, self.device, oversample)
             with torch.no_grad():
                 flat = self._project(groups, len(geoms) * h * w, oversample)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise RuntimeError("out of memory while rendering; render fewer views at once, use a smaller "
                                "detector, or device 'cpu'") from None
         images = apply_output(flat.view(len(geoms), h, w), output)
         return images[0] if single else images
 
     def _project(self, groups, n_rays: int, oversample: int) -> torch.Tensor:
-        """Projection that retries with smaller chunks when a GPU runs short of memory."""
+        """Projection that retries with smaller chunks when a GPU runs short of memory; the smaller chunk serves
+        this call only, so a moment of memory pressure (another job on the GPU) does not slow every later render."""
         stacks = {g.axis: self._stack(g.axis, oversample) for g in groups}
+        chunk = self.chunk
         while True:
             try:
-                return project_groups(self.volume, stacks, groups, n_rays, self.chunk)
-            except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or self.chunk <= _MIN_CHUNK:
+                return project_groups(self.volume, stacks, groups, n_rays, chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.device.type != "cuda" or chunk <= _MIN_CHUNK:
                     raise
                 torch.cuda.empty_cache()
-                self.chunk //= 4
+                chunk //= 4
 
     def render(self, geometries: CArmGeometry | Sequence[CArmGeometry], output: str = "line-integral",
                oversample: int = 2) -> np.ndarray:
@@ -109,5 +111,5 @@ class DRRRenderer:
 
     def back_project(self, images: np.ndarray | torch.Tensor, geometries: Sequence[CArmGeometry]) -> torch.Tensor:
         """Adjoint of ``render`` (line-integral output) summed over views, as a [k, j, i] tensor."""
-        imgs = torch.as_tensor(np.asarray(images, dtype=np.float32), device=self.device)
+        imgs = torch.as_tensor(images, dtype=torch.float32, device=self.device)  # numpy, or a tensor anywhere
         return back_project(imgs, self.ijk_to_ras, self.volume.shape, list(geometries), self.chunk)

@@ -167,11 +167,11 @@ def test_slab_denoiser_matches_the_whole_volume_and_survives_out_of_memory():
 
     def small_only(x, sigma, cond, coord):
         if x.shape[2] > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return pointwise(x, sigma, cond, coord)
     slabs = SlabDenoiser(small_only, cond, 16, 2)
     assert torch.allclose(slabs(x, 0.7), whole, atol=1e-12) and slabs.thickness == 4
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         SlabDenoiser(small_only, cond, 16, 8)(x, 0.7)
 
 

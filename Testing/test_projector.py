@@ -143,7 +143,7 @@ def test_running_out_of_device_memory_is_advice(monkeypatch):
     import SVDRRLogic.renderer as renderer_module
 
     def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     ct = oblique_volume(seed=11)
     renderer = DRRRenderer(ct, device="cpu")
@@ -154,6 +154,31 @@ def test_running_out_of_device_memory_is_advice(monkeypatch):
     monkeypatch.setattr(renderer_module, "project_groups", exhausted)
     with pytest.raises(RuntimeError, match="out of memory while rendering"):
         renderer.render(VIEWS[0].replace(isocenter=tuple(ct.center_ras)))
+
+
+def test_a_gpu_short_of_memory_retries_smaller_chunks_for_that_render_only(monkeypatch):
+    """Simulated on the CPU: the renderer believes it is on a GPU whose memory holds only 2^15-sample chunks."""
+    import SVDRRLogic.renderer as renderer_module
+
+    real = renderer_module.project_groups
+    chunks = []
+
+    def small_gpu(volume, stacks, groups, n_rays, chunk):
+        chunks.append(chunk)
+        if chunk > 1 << 15:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(volume, stacks, groups, n_rays, chunk)
+
+    ct = oblique_volume(seed=12)
+    geometry = VIEWS[0].replace(isocenter=tuple(ct.center_ras))
+    expected = DRRRenderer(ct, device="cpu").render(geometry)
+    renderer = DRRRenderer(ct, device="cpu", chunk=1 << 19)
+    renderer.device = torch.device("cuda")
+    plan, cpu = renderer_module.plan_views, torch.device("cpu")  # the ray plan stays where the volume is
+    monkeypatch.setattr(renderer_module, "plan_views", lambda g, m, shape, _device, o: plan(g, m, shape, cpu, o))
+    monkeypatch.setattr(renderer_module, "project_groups", small_gpu)
+    np.testing.assert_allclose(renderer.render(geometry), expected, rtol=1e-5, atol=1e-6)
+    assert chunks == [1 << 19, 1 << 17, 1 << 15] and renderer.chunk == 1 << 19  # the next render starts big again
 
 
 def test_cuda_request_without_cuda_is_a_clear_error():

@@ -409,3 +409,21 @@ def test_config_rejects_unknown_keys():
     from training.svdrr.config import load_config
     with pytest.raises(KeyError, match="train.learnig_rate"):
         load_config(TINY, ["train.learnig_rate=1"])
+
+
+@pytest.mark.parametrize("kind", ["svdrr", "dvg", "patch-edm"])
+def test_building_a_network_leaves_the_callers_random_state_alone(kind):
+    """Training seeds each rank before it builds the network: a builder that reseeded the process (CPU or CUDA)
+    would hand every GPU the same noise and timesteps."""
+    from SVDRRLogic.models import build_svdrr
+    from SVDRRLogic.models.dvg import build_dvg
+    from SVDRRLogic.models.patch_edm import build_patch_edm
+
+    build = {"svdrr": lambda: build_svdrr("tiny", seed=5).transformer,
+             "dvg": lambda: build_dvg("tiny", seed=5).denoiser, "patch-edm": lambda: build_patch_edm("tiny", seed=5)}
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = next(build[kind]().parameters()).detach().clone()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(7)  # another caller state: the same seed still gives the same weights
+    assert torch.equal(next(build[kind]().parameters()), first)

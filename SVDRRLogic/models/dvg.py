@@ -30,6 +30,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from .recon_folder import build_from_folder, load_module, save_model_folder
+from .seeding import seeded_init
 from .unet3d import Unet3D
 from .vqgan3d import VQGAN3D
 
@@ -126,9 +127,8 @@ def resolve_config(config: str | dict) -> dict:
 def build_dvg(config: str | dict = "tiny", *, seed: int = 0, empty: bool = False) -> DVGComponents:
     """Randomly initialized networks (``empty=True``: on the meta device, for sizes and shapes only)."""
     cfg = resolve_config(config)
-    torch.manual_seed(seed)
     device = torch.device("meta") if empty else torch.device("cpu")
-    with device:
+    with seeded_init(seed), device:
         nets = {name: VQGAN3D(**cfg[name]) for name in ("ct_vqgan", "vpge", "vpge_new")}
         nets.update(coarse=Unet3D(**cfg["coarse"]), denoiser=Unet3D(**cfg["denoiser"]))
     return DVGComponents(config=cfg, scheduler=make_scheduler(cfg["timesteps"]), **nets)

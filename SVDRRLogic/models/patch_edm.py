@@ -36,6 +36,7 @@ from torch import nn
 
 from ..recon_grid import XRAYSYN_FRONTAL, XRAYSYN_LATERAL, xraysyn_view
 from .recon_folder import build_from_folder, load_module, save_model_folder
+from .seeding import seeded_init
 
 KIND = "patch-edm"
 WEIGHTS = "denoiser"
@@ -144,8 +145,7 @@ def build_patch_edm(config: str | dict = "tiny", *, seed: int = 0, empty: bool =
     ``empty=True`` builds it on the meta device (sizes and shapes only)."""
     cfg = resolve_config(config)
     unet = cfg["unet"]
-    torch.manual_seed(seed)
-    with torch.device("meta") if empty else torch.device("cpu"):
+    with seeded_init(seed), torch.device("meta") if empty else torch.device("cpu"):
         net = DiffusionModelUNet(spatial_dims=3, in_channels=2 + len(cfg["views"]), out_channels=1,
                                  channels=tuple(unet["channels"]), num_res_blocks=unet["num_res_blocks"],
                                  attention_levels=tuple(unet["attention_levels"]),
@@ -301,7 +301,7 @@ class SlabDenoiser:
         while True:
             try:
                 return self._evaluate(x, sigma)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 if self.thickness <= self.multiple:
                     raise
                 if torch.cuda.is_available():

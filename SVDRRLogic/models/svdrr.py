@@ -32,6 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from .seeding import seeded_init
+
 #: Length of the relative pose appended to the CLIP embedding: [d-theta, sin d-phi, cos d-phi, d-radius].
 POSE_DIM = 4
 
@@ -224,9 +226,7 @@ def build_svdrr(config: str | dict = "tiny", resolution: int | None = None, *, e
         ctx = init_empty_weights()
     else:
         ctx = contextlib.nullcontext()
-    with torch.random.fork_rng(devices=[]), ctx:
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded_init(seed), ctx:
         transformer = PixArtTransformer2DModel(**parts["transformer"])
         vae = AutoencoderKL(**parts["vae"])
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**parts["image_encoder"]))

@@ -236,6 +236,8 @@ class Trainer:
         global_step, resumed_from = 0, None
         if self.resume_path is not None:
             acc.load_state(str(self.resume_path))
+            if self.ema is not None:  # the loaded EMA weights come back on the CPU; training steps on acc.device
+                self.ema.to(acc.device)
             global_step = int(CHECKPOINT.match(self.resume_path.name).group(1))
             resumed_from = str(self.resume_path)
             log.info("resumed from %s at step %d", self.resume_path, global_step)
