@@ -101,6 +101,23 @@ def test_a_failed_render_leaves_no_views_behind(tmp_path, capsys):
     assert code == 2 and "at most 100000" in err and not (tmp_path / "new").exists()
 
 
+def test_a_failed_render_into_a_new_folder_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import SVDRRLogic.export as export
+    real, calls = export.write_image, []
+
+    def disk_full_on_the_second_view(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "write_image", disk_full_on_the_second_view)
+    code, _, err = run(capsys, "render", "--phantom", "chest", "-o", str(tmp_path / "set"), "--view", "0",
+                       "--view", "90", "--detector", "8,8", "--pixel", "40", "--device", "cpu", "--batch", "1")
+    assert code == 2 and "No space left" in err and len(calls) == 2, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the first view and the folder made for the set: gone
+
+
 def test_a_label_map_given_as_ct_renders_with_a_one_line_warning(tmp_path, capsys):
     from SVDRRLogic.images import CTVolume
     from SVDRRLogic.io import write_ct
